@@ -1,0 +1,213 @@
+"""One typed configuration, read once from a YAML file, `KVSHELF_*` variables and keywords.
+
+Later sources win: defaults < file < environment < keywords. Keys are dotted paths
+(`memory.size`); in the environment they are upper-cased with `_` for `.`
+(`KVSHELF_MEMORY_SIZE`). Every error names the key and says how to fix it.
+
+    chunk_size: 256
+    writer_queue_size: 64
+    memory: {size: 2GiB}
+    disk: {path: ~/.cache/kvshelf/disk, size: 20GiB, codec: raw}   # omit for no disk tier
+"""
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvshelf.codecs import CODECS
+from kvshelf.errors import ConfigError
+
+CONFIG_FILE_ENV = "KVSHELF_CONFIG"
+# KVSHELF_* variables that are not configuration keys.
+NON_CONFIG_ENV = {CONFIG_FILE_ENV, "KVSHELF_HOME"}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    size_bytes: int = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: Path
+    size_bytes: int = 20 * 2**30
+    codec: str = "raw"
+
+
+@dataclass(frozen=True)
+class ShelfConfig:
+    chunk_size: int = 256
+    writer_queue_size: int = 64
+    tier_backoff_s: float = 5.0
+    memory: MemoryConfig = MemoryConfig()
+    disk: DiskConfig | None = None
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> ShelfConfig:
+    """The configuration from `path` (or $KVSHELF_CONFIG), `environ` (default os.environ), and `overrides`.
+
+    Overrides use `_` for the section dot: `load_config(memory_size="1GiB", disk_path="/tmp/kv")`.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = path or environ.get(CONFIG_FILE_ENV)
+    if path:
+        values.update(_read_file(Path(path)))
+    values.update(_read_env(environ))
+    values.update(_read_overrides(overrides))
+    return _build(values)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check the path ({CONFIG_FILE_ENV})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, like `chunk_size: 256`")
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
+        elif value is None and any(name.startswith(f"{key}.") for name in KEYS):
+            continue  # `disk:` with nothing under it: the section is off
+        else:
+            flat[str(key)] = value
+    return _known(flat, f"in {path}")
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    by_env_name = {"KVSHELF_" + key.upper().replace(".", "_"): key for key in KEYS}
+    values = {}
+    for name, value in environ.items():
+        if not name.startswith("KVSHELF_") or name in NON_CONFIG_ENV:
+            continue
+        if name not in by_env_name:
+            raise ConfigError(f"unknown environment variable {name}; known: {', '.join(sorted(by_env_name))}")
+        values[by_env_name[name]] = value
+    return values
+
+
+def _read_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    by_argument = {key.replace(".", "_"): key for key in KEYS}
+    unknown = sorted(set(overrides) - set(by_argument))
+    if unknown:
+        raise ConfigError(f"unknown config keyword(s) {', '.join(unknown)}; known: {', '.join(sorted(by_argument))}")
+    return {by_argument[name]: value for name, value in overrides.items()}
+
+
+def _known(values: dict[str, Any], where: str) -> dict[str, Any]:
+    for key in values:
+        if key not in KEYS:
+            raise ConfigError(f"unknown config key {key!r} {where}; known keys: {', '.join(sorted(KEYS))}")
+    return values
+
+
+def _build(values: dict[str, Any]) -> ShelfConfig:
+    parsed = {key: KEYS[key](key, value) for key, value in values.items() if value is not None}
+    memory = MemoryConfig(**({"size_bytes": parsed["memory.size"]} if "memory.size" in parsed else {}))
+    _check_fits_ram(memory.size_bytes)
+    disk = None
+    if "disk.path" in parsed:
+        disk_fields = {"size_bytes": parsed.get("disk.size"), "codec": parsed.get("disk.codec")}
+        disk = DiskConfig(parsed["disk.path"], **{k: v for k, v in disk_fields.items() if v is not None})
+        _check_writable(disk.path)
+        _check_fits_disk(disk)
+    elif "disk.size" in parsed or "disk.codec" in parsed:
+        raise ConfigError("disk.size/disk.codec are set but disk.path is not; set disk.path (KVSHELF_DISK_PATH) to enable the disk tier")
+    top = {key: parsed[key] for key in ("chunk_size", "writer_queue_size", "tier_backoff_s") if key in parsed}
+    return ShelfConfig(memory=memory, disk=disk, **top)
+
+
+def _positive_int(key: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}") from None
+    if number <= 0 or number != float(value):
+        raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+    return number
+
+
+def _non_negative_float(key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number of seconds, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{key} must not be negative, got {value!r}")
+    return number
+
+
+def _size(key: str, value: Any) -> int:
+    """Bytes from 1073741824, '1GiB', '512 MB', '1.5gb'."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS or isinstance(value, bool):
+        raise ConfigError(f"{key} must be a size like 512MiB or 2GB or a number of bytes, got {value!r}")
+    size_bytes = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size_bytes <= 0:
+        raise ConfigError(f"{key} must be larger than zero, got {value!r}")
+    return size_bytes
+
+
+def _path(key: str, value: Any) -> Path:
+    if not str(value).strip():
+        raise ConfigError(f"{key} must be a directory path, got an empty string")
+    return Path(str(value)).expanduser()
+
+
+def _codec(key: str, value: Any) -> str:
+    if value not in CODECS:
+        raise ConfigError(f"{key} must be one of {sorted(CODECS)}, got {value!r}")
+    return value
+
+
+def _check_fits_ram(size_bytes: int) -> None:
+    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size_bytes > ram_bytes:
+        raise ConfigError(
+            f"memory.size is {size_bytes / 2**30:.1f} GiB but this machine has {ram_bytes / 2**30:.1f} GiB of RAM; lower memory.size"
+        )
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"disk.path {path} is not a writable directory ({exc.strerror}); choose another disk.path") from exc
+
+
+def _check_fits_disk(disk: DiskConfig) -> None:
+    total_bytes = shutil.disk_usage(disk.path).total
+    if disk.size_bytes > total_bytes:
+        raise ConfigError(
+            f"disk.size is {disk.size_bytes / 2**30:.1f} GiB but the filesystem of {disk.path} holds "
+            f"{total_bytes / 2**30:.1f} GiB; lower disk.size"
+        )
+
+
+# Every key, with its parser; a section's keys are `section.key`.
+KEYS = {
+    "chunk_size": _positive_int,
+    "writer_queue_size": _positive_int,
+    "tier_backoff_s": _non_negative_float,
+    "memory.size": _size,
+    "disk.path": _path,
+    "disk.size": _size,
+    "disk.codec": _codec,
+}

@@ -1,0 +1,31 @@
+"""The kvshelf exception hierarchy.
+
+    KVShelfError
+    ├── ConfigError (also a ValueError)   bad configuration: says which key and how to fix it
+    ├── CorruptChunk                      a stored object failed framing or checksum checks
+    │   └── UnknownCodec                  a codec id this version does not know
+    └── TierUnavailable                   a tier cannot serve right now (disk full, store down)
+
+Only ConfigError reaches users at start-up. CorruptChunk and TierUnavailable never reach
+an engine: the shelf turns them into cache misses and counts them.
+"""
+
+
+class KVShelfError(Exception):
+    """Base class of every error kvshelf raises."""
+
+
+class ConfigError(KVShelfError, ValueError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+class CorruptChunk(KVShelfError):
+    """A stored chunk is damaged, truncated, foreign, or stored under the wrong key."""
+
+
+class UnknownCodec(CorruptChunk):
+    """A stored chunk names a codec this version of kvshelf does not have."""
+
+
+class TierUnavailable(KVShelfError):
+    """A tier failed an operation (I/O error, full disk, store down)."""

@@ -1,0 +1,96 @@
+"""Chunk keys: a chained blake3 hash that names a chunk and everything before it.
+
+key_{-1} = H(namespace), key_i = H(key_{i-1} || tokens_i [|| multimodal hashes in chunk i]),
+with tokens as little-endian int32. Deterministic across processes and machines.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import blake3
+import numpy as np
+
+from kvshelf.layout import KVLayout
+
+NAMESPACE_ID_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that changes what a KV tensor means. Two requests share KV only if all agree."""
+
+    model_id: str
+    layout: KVLayout
+    tp_rank: int = 0
+    tp_size: int = 1
+    lora_id: str | None = None
+    cache_salt: str | None = None
+    # Room for engine-specific meaning (e.g. a vLLM kv-cache dtype); sorted into the digest.
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("Namespace.model_id must be a non-empty string naming the model and its weights")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"Namespace tp_rank {self.tp_rank} must be in [0, tp_size={self.tp_size})")
+
+    def describe(self) -> dict:
+        """A JSON-able description; its canonical form is what the namespace digest hashes."""
+        description = asdict(self)
+        description["extra"] = dict(sorted(self.extra))
+        return description
+
+    @cached_property
+    def digest(self) -> bytes:
+        canonical = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
+        return blake3.blake3(b"kvshelf-namespace-v1\0" + canonical.encode()).digest()
+
+    @property
+    def id(self) -> str:
+        """Short printable id; stores group chunks under it (listing, clearing)."""
+        return self.digest.hex()[:NAMESPACE_ID_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """A chunk's name: its namespace id (for grouping) and the chained digest (for identity)."""
+
+    namespace_id: str
+    digest: bytes
+
+    @property
+    def hex(self) -> str:
+        return self.digest.hex()
+
+
+def chunk_keys(
+    token_ids: Sequence[int],
+    namespace: Namespace,
+    chunk_size: int,
+    mm_hashes: Sequence[tuple[int, bytes]] = (),
+) -> list[ChunkKey]:
+    """Keys of every full chunk of `token_ids` (a trailing partial chunk gets none).
+
+    `mm_hashes` are (token position, content hash) pairs of multimodal inputs; each is mixed
+    into the chunk its position falls in, so an image changes that chunk's key and all later ones.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    tokens_le = np.asarray(token_ids, dtype="<i4").tobytes()
+    mm_by_chunk: dict[int, list[bytes]] = {}
+    for position, content_hash in sorted(mm_hashes):
+        mm_by_chunk.setdefault(position // chunk_size, []).append(content_hash)
+    chunk_bytes = chunk_size * 4
+    num_chunks = len(token_ids) // chunk_size
+    previous = namespace.digest
+    keys = []
+    for index in range(num_chunks):
+        hasher = blake3.blake3(previous)
+        hasher.update(tokens_le[index * chunk_bytes : (index + 1) * chunk_bytes])
+        for content_hash in mm_by_chunk.get(index, ()):
+            hasher.update(content_hash)
+        previous = hasher.digest()
+        keys.append(ChunkKey(namespace.id, previous))
+    return keys

@@ -1,0 +1,133 @@
+"""The Shelf: the engine-agnostic API (lookup / load / save) over a tier stack.
+
+Engines see only this class. KV crosses it in the canonical shape
+(layers, 2, tokens, kv_heads, head_dim), on the CPU.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvshelf.codecs import get_codec
+from kvshelf.config import ShelfConfig, load_config
+from kvshelf.keys import ChunkKey, Namespace, chunk_keys
+from kvshelf.metrics import ShelfMetrics
+from kvshelf.shelf.stack import LowerTier, TierStack
+from kvshelf.shelf.writer import BackgroundWriter
+from kvshelf.tiers.disk import DiskTier
+from kvshelf.tiers.memory import MemoryTier
+
+
+@dataclass(slots=True)
+class LoadResult:
+    num_tokens: int
+    chunks: list[torch.Tensor]  # each (layers, 2, chunk_size, kv_heads, head_dim)
+
+    def kv(self) -> torch.Tensor | None:
+        """All loaded tokens as one tensor (layers, 2, num_tokens, kv_heads, head_dim), or None."""
+        return torch.cat(self.chunks, dim=2) if self.chunks else None
+
+
+class Shelf:
+    def __init__(self, config: ShelfConfig | None = None) -> None:
+        self.config = config or ShelfConfig()
+        self.chunk_size = self.config.chunk_size
+        self.metrics = ShelfMetrics(lambda: self._stack.tiers)
+        lower = []
+        if self.config.disk is not None:
+            disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes)
+            lower.append(LowerTier(disk, get_codec(self.config.disk.codec)))
+        self._stack = TierStack(
+            MemoryTier(self.config.memory.size_bytes), lower, self.metrics.counters, self.config.tier_backoff_s
+        )
+        self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, path: str | None = None, **overrides: Any) -> "Shelf":
+        """A shelf configured from a YAML file, KVSHELF_* variables and keywords (see kvshelf.config)."""
+        return cls(load_config(path, **overrides))
+
+    def lookup(self, token_ids: Sequence[int], namespace: Namespace) -> int:
+        """How many leading tokens are available (a multiple of chunk_size)."""
+        keys = chunk_keys(token_ids, namespace, self.chunk_size)
+        num_tokens = self._stack.contains_prefix(keys) * self.chunk_size
+        self.metrics.counters.lookup_tokens += len(token_ids)
+        self.metrics.counters.hit_tokens += num_tokens
+        return num_tokens
+
+    def load(self, token_ids: Sequence[int], namespace: Namespace, upto: int) -> LoadResult:
+        """KV of the first `upto` tokens, or of fewer if some chunk is missing or damaged.
+
+        `upto` is rounded down to a multiple of chunk_size. Loaded chunks are promoted to memory.
+        """
+        started_s = time.perf_counter()
+        keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size)
+        chunks = self._stack.get_prefix(keys)
+        self.metrics.load_seconds.observe(time.perf_counter() - started_s)
+        return LoadResult(len(chunks) * self.chunk_size, chunks)
+
+    def save(self, token_ids: Sequence[int], kv: torch.Tensor, namespace: Namespace, start: int = 0) -> int:
+        """Store the full chunks of `kv`, which holds tokens [start, start + kv tokens) of `token_ids`.
+
+        Returns at once: chunks go to memory now (copied, so the caller may reuse `kv`) and to
+        lower tiers in the background. Returns how many chunks were new to memory.
+        """
+        self._check_kv(kv, namespace, start)
+        keys = chunk_keys(token_ids[: start + kv.shape[2]], namespace, self.chunk_size)
+        first_chunk = start // self.chunk_size
+        keys = keys[first_chunk:]
+        if not keys:
+            return 0
+        held = self._stack.memory.get_many(keys)
+        items: list[tuple[ChunkKey, torch.Tensor]] = []
+        new_items = []
+        for offset, (key, chunk) in enumerate(zip(keys, held)):
+            if chunk is None:
+                begin = offset * self.chunk_size
+                chunk = kv[:, :, begin : begin + self.chunk_size].clone()
+                new_items.append((key, chunk))
+            items.append((key, chunk))
+        self._stack.memory.put_many(new_items)
+        self.metrics.counters.stored_bytes[self._stack.memory.name] += sum(chunk.nbytes for _, chunk in new_items)
+        if self._stack.lower:
+            self._writer.submit(lambda: self._stack.write_lower(items, namespace, self.metrics.store_seconds))
+        return len(new_items)
+
+    def _check_kv(self, kv: torch.Tensor, namespace: Namespace, start: int) -> None:
+        layout = namespace.layout
+        expected = layout.shape(kv.shape[2]) if kv.dim() == 5 else None
+        if tuple(kv.shape) != expected or kv.dtype != layout.torch_dtype:
+            raise ValueError(
+                f"kv must be (layers, 2, tokens, kv_heads, head_dim) = {layout.shape(-1)} of {layout.dtype} "
+                f"for this namespace, got {tuple(kv.shape)} of {kv.dtype}"
+            )
+        if start % self.chunk_size:
+            raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
+
+    def _count_dropped_write(self) -> None:
+        self.metrics.counters.dropped_writes += 1
+
+    def stats(self) -> dict:
+        return self.metrics.snapshot()
+
+    def flush(self) -> None:
+        """Wait until background writes have finished (for tests, benchmarks and shutdown)."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Finish queued writes and release the tiers. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        self._stack.close()
+
+    def __enter__(self) -> "Shelf":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,135 @@
+"""The tier stack: memory on top, byte tiers below; read top-down, promote to memory.
+
+Lower tiers are guarded: a tier that raises TierUnavailable is skipped for a back-off
+period (a circuit breaker), so a dead store costs one failure, not one per request.
+Objects that fail verification are deleted from their tier and counted; to the caller they
+are simply missing.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvshelf.codecs import CODECS_BY_ID, Codec, frame, unframe
+from kvshelf.errors import CorruptChunk, TierUnavailable
+from kvshelf.keys import ChunkKey, Namespace
+from kvshelf.metrics import ShelfCounters
+from kvshelf.tiers.base import Tier
+from kvshelf.tiers.memory import MemoryTier, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LowerTier:
+    tier: Tier
+    codec: Codec
+    down_until_s: float = 0.0
+
+    @property
+    def is_up(self) -> bool:
+        return time.monotonic() >= self.down_until_s
+
+
+class TierStack:
+    def __init__(self, memory: MemoryTier, lower: Sequence[LowerTier], counters: ShelfCounters, backoff_s: float) -> None:
+        self.memory = memory
+        self.lower = list(lower)
+        self._counters = counters
+        self._backoff_s = backoff_s
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [self.memory, *(slot.tier for slot in self.lower)]
+
+    def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
+        """Leading keys available in the union of all tiers (chunk 0 in memory, chunk 1 on disk counts)."""
+        num_found = 0
+        progressed = True
+        while progressed and num_found < len(keys):
+            progressed = False
+            num_found += self.memory.contains_prefix(keys[num_found:])
+            for slot in self.lower:
+                found = self._guarded(slot, lambda: slot.tier.contains_prefix(keys[num_found:]), 0)
+                num_found += found
+                progressed = progressed or found > 0
+        return num_found
+
+    def get_prefix(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
+        """Chunks of the longest leading run of `keys` that can be read and verified."""
+        chunks = self.memory.get_many(keys)
+        for index, chunk in enumerate(chunks):
+            if chunk is not None:
+                self._counters.loaded_bytes[self.memory.name] += tensor_bytes(chunk)
+        for slot in self.lower:
+            missing = [index for index, chunk in enumerate(chunks) if chunk is None]
+            if not missing:
+                break
+            found = self._read(slot, [keys[index] for index in missing])
+            for index, chunk in zip(missing, found):
+                chunks[index] = chunk
+            self.memory.put_many([(keys[i], c) for i, c in zip(missing, found) if c is not None])
+        prefix = []
+        for chunk in chunks:
+            if chunk is None:
+                break
+            prefix.append(chunk)
+        return prefix
+
+    def _read(self, slot: LowerTier, keys: list[ChunkKey]) -> list[torch.Tensor | None]:
+        blobs = self._guarded(slot, lambda: slot.tier.get_many(keys), [None] * len(keys))
+        chunks: list[torch.Tensor | None] = []
+        corrupt_keys = []
+        for key, blob in zip(keys, blobs):
+            chunk = None
+            if blob is not None:
+                try:
+                    chunk = unframe(blob, key.digest, CODECS_BY_ID)
+                    self._counters.loaded_bytes[slot.tier.name] += len(blob)
+                except CorruptChunk as exc:
+                    logger.warning("kvshelf: dropping damaged chunk %s from %s: %s", key.hex, slot.tier.name, exc)
+                    self._counters.corrupt_chunks[slot.tier.name] += 1
+                    corrupt_keys.append(key)
+            chunks.append(chunk)
+        if corrupt_keys:
+            self._guarded(slot, lambda: slot.tier.delete(corrupt_keys), None)
+        return chunks
+
+    def write_lower(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace,
+                    store_seconds) -> None:
+        """Encode and write `items` to every lower tier that lacks them (runs on the writer thread)."""
+        for slot in self.lower:
+            if not slot.is_up:
+                self._counters.dropped_writes += 1
+                continue
+            started_s = time.perf_counter()
+            self._guarded(slot, lambda: self._write(slot, items, namespace), None)
+            store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
+
+    def _write(self, slot: LowerTier, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace) -> None:
+        new_items = [(key, chunk) for key, chunk in items if slot.tier.contains_prefix([key]) == 0]
+        if not new_items:
+            return
+        slot.tier.note_namespace(namespace)
+        blobs = [(key, frame(chunk, key.digest, slot.codec)) for key, chunk in new_items]
+        slot.tier.put_many(blobs)
+        self._counters.stored_bytes[slot.tier.name] += sum(len(blob) for _, blob in blobs)
+
+    def _guarded(self, slot: LowerTier, operation, fallback):
+        """Run `operation` on a tier unless it is backing off; a failure starts a back-off."""
+        if not slot.is_up:
+            return fallback
+        try:
+            return operation()
+        except TierUnavailable as exc:
+            logger.warning("kvshelf: %s tier failed, skipping it for %.1f s: %s", slot.tier.name, self._backoff_s, exc)
+            self._counters.tier_errors[slot.tier.name] += 1
+            slot.down_until_s = time.monotonic() + self._backoff_s
+            return fallback
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()

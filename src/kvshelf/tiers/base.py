@@ -1,0 +1,58 @@
+"""The tier interface: a batched key -> value store with a byte budget.
+
+The memory tier holds tensors; lower tiers hold framed bytes. Tiers know nothing of
+codecs or engines; the tier stack encodes, verifies and promotes.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from kvshelf.keys import ChunkKey, Namespace
+
+Value = TypeVar("Value")
+
+
+@dataclass(slots=True)
+class TierCounters:
+    """What a tier did; read by the shelf's stats and Prometheus metrics."""
+
+    num_evictions: int = 0
+    evicted_bytes: int = 0
+
+
+class Tier(ABC, Generic[Value]):
+    name: str
+
+    def __init__(self) -> None:
+        self.counters = TierCounters()
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    @abstractmethod
+    def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
+        """How many leading `keys` this tier holds."""
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[Value | None]:
+        """Values of `keys`, None where missing. Raises TierUnavailable if the tier fails."""
+
+    @abstractmethod
+    def put_many(self, items: Sequence[tuple[ChunkKey, Value]]) -> None:
+        """Store `items`, evicting as needed. Raises TierUnavailable if the tier fails."""
+
+    @abstractmethod
+    def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
+    def note_namespace(self, namespace: Namespace) -> None:
+        """Record what a namespace id means, for tools that list stored chunks. Optional."""
+
+    def close(self) -> None:
+        """Release resources. Optional."""
