@@ -1,0 +1,1 @@
+"""Engine integrations: each adapts one engine's KV layout to the Shelf API."""

@@ -1,0 +1,186 @@
+"""HuggingFace transformers integration: generate with the cached prefix loaded from a Shelf.
+
+For each request: load the longest cached prefix into a DynamicCache, prefill only the
+rest, save the prompt's new full chunks (in the background), then decode. The last prompt
+token is always computed, since its logits pick the first output token.
+
+    engine = HFEngine(model, tokenizer, Shelf.from_config(), model_id="my-model@rev")
+    result = engine.generate([{"role": "user", "content": "..."}], max_new_tokens=64)
+    result.text, result.hit_tokens, result.ttft_s
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from kvshelf.keys import Namespace
+from kvshelf.layout import DTYPE_NAMES, KVLayout
+from kvshelf.shelf import Shelf
+
+Prompt = str | Sequence[dict] | Sequence[int]
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    output_ids: list[int]
+    num_prompt_tokens: int
+    hit_tokens: int  # prompt tokens whose KV came from the shelf
+    ttft_s: float  # from the call to the first output token, load included
+    load_s: float  # shelf -> DynamicCache
+    first_logits: torch.Tensor = field(repr=False)  # (vocab,) logits of the first output token
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.num_prompt_tokens - self.hit_tokens
+
+
+def layout_of(model: PreTrainedModel) -> KVLayout:
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if model.dtype not in DTYPE_NAMES:
+        raise ValueError(f"kvshelf cannot store KV of dtype {model.dtype}; load the model in float32, float16 or bfloat16")
+    return KVLayout(config.num_hidden_layers, num_kv_heads, head_dim, DTYPE_NAMES[model.dtype])
+
+
+class HFEngine:
+    """Greedy or sampled generation on a transformers causal LM, with kvshelf's prefix cache.
+
+    `shelf=None` runs the same code without any cache: the reference for correctness tests.
+    `model_id` must name the model *and its weights* (two checkpoints of one architecture
+    must not share KV); it defaults to the model's `name_or_path`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        shelf: Shelf | None,
+        model_id: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.shelf = shelf
+        self.model_id = model_id or model.config.name_or_path
+        self.layout = layout_of(model)
+        self._check_cache_layers()
+
+    def _check_cache_layers(self) -> None:
+        layer_types = {type(layer) for layer in DynamicCache(config=self.model.config).layers}
+        if layer_types != {DynamicLayer}:
+            names = ", ".join(sorted(layer_type.__name__ for layer_type in layer_types))
+            raise ValueError(f"kvshelf's HF integration supports full-attention models only; this one has {names}")
+
+    def namespace(self, cache_salt: str | None = None, lora_id: str | None = None) -> Namespace:
+        return Namespace(self.model_id, self.layout, lora_id=lora_id, cache_salt=cache_salt)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text, of chat messages (with the generation prompt), or ids as given."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if prompt and isinstance(prompt[0], dict):
+            return list(self.tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+            ))
+        return [int(token_id) for token_id in prompt]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        cache_salt: str | None = None,
+    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` (stopping at EOS); greedy when temperature is 0."""
+        started_s = time.perf_counter()
+        token_ids = self.prompt_ids(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        namespace = self.namespace(cache_salt)
+        cache, hit_tokens = self._load_prefix(token_ids, namespace)
+        load_s = time.perf_counter() - started_s
+        logits = self._forward(token_ids[hit_tokens:], cache)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        next_id = pick_token(logits, temperature, top_p, generator)
+        ttft_s = time.perf_counter() - started_s
+        self._save_prompt(token_ids, cache, hit_tokens, namespace)
+        output_ids = [next_id]
+        first_logits = logits
+        while len(output_ids) < max_new_tokens and next_id not in self._eos_ids():
+            logits = self._forward([next_id], cache)
+            next_id = pick_token(logits, temperature, top_p, generator)
+            output_ids.append(next_id)
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        return GenerationResult(text, output_ids, len(token_ids), hit_tokens, ttft_s, load_s, first_logits)
+
+    def _load_prefix(self, token_ids: list[int], namespace: Namespace) -> tuple[DynamicCache, int]:
+        cache = DynamicCache(config=self.model.config)
+        if self.shelf is None:
+            return cache, 0
+        chunk_size = self.shelf.chunk_size
+        # Leave the last prompt token to compute: its logits choose the first output token.
+        usable_tokens = (len(token_ids) - 1) // chunk_size * chunk_size
+        if usable_tokens == 0 or self.shelf.lookup(token_ids, namespace) == 0:
+            return cache, 0
+        loaded = self.shelf.load(token_ids, namespace, usable_tokens)
+        kv = loaded.kv()  # (layers, 2, tokens, kv_heads, head_dim)
+        if kv is None:
+            return cache, 0
+        # Views, not copies: the first forward concatenates new KV onto them anyway.
+        per_head = kv.to(self.model.device).permute(0, 1, 3, 2, 4).unsqueeze(2)  # (layers, 2, 1, heads, tokens, dim)
+        for layer, layer_kv in zip(cache.layers, per_head):
+            layer.lazy_initialization(layer_kv[0], layer_kv[1])
+            layer.keys, layer.values = layer_kv[0], layer_kv[1]
+        return cache, loaded.num_tokens
+
+    def _forward(self, new_ids: list[int], cache: DynamicCache) -> torch.Tensor:
+        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.model.device)
+        output = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return output.logits[0, -1].float()
+
+    def _save_prompt(self, token_ids: list[int], cache: DynamicCache, hit_tokens: int, namespace: Namespace) -> None:
+        if self.shelf is None:
+            return
+        full_tokens = len(token_ids) // self.shelf.chunk_size * self.shelf.chunk_size
+        if full_tokens <= hit_tokens:
+            return
+        self.shelf.save(token_ids, cache_to_canonical(cache, hit_tokens, full_tokens), namespace, start=hit_tokens)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list) else {eos}
+
+
+def cache_to_canonical(cache: DynamicCache, begin: int, end: int) -> torch.Tensor:
+    """Tokens [begin, end) of `cache` as (layers, 2, tokens, kv_heads, head_dim) on the CPU, in one copy."""
+    first = cache.layers[0].keys  # each layer: (batch=1, kv_heads, tokens, head_dim)
+    kv = torch.empty((len(cache.layers), 2, end - begin, first.shape[1], first.shape[3]), dtype=first.dtype)
+    for layer_kv, layer in zip(kv, cache.layers):
+        layer_kv[0].copy_(layer.keys[0, :, begin:end].transpose(0, 1))
+        layer_kv[1].copy_(layer.values[0, :, begin:end].transpose(0, 1))
+    return kv
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy (temperature 0) or nucleus sampling from `logits` (vocab,)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, sorted_ids = torch.sort(probs, descending=True)
+    # Keep the smallest set of tokens whose probability reaches top_p (always at least one).
+    outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+    sorted_probs[outside] = 0.0
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return int(sorted_ids[choice])
