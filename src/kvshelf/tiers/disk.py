@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from kvshelf.errors import TierUnavailable
@@ -29,6 +30,15 @@ from kvshelf.tiers.base import Tier
 SUFFIX = ".kvs"
 TMP_DIR = ".tmp"
 ABANDONED_TMP_AGE_S = 600.0
+
+
+@contextmanager
+def _io_errors_as_unavailable(action: str, path: Path) -> Iterator[None]:
+    """The one place OS errors become TierUnavailable (with what to do about it)."""
+    try:
+        yield
+    except OSError as exc:
+        raise TierUnavailable(f"disk tier cannot {action} {path}: {exc}; check that it exists and has free space") from exc
 
 
 def chunk_path(root: Path, key: ChunkKey) -> Path:
@@ -120,10 +130,11 @@ class DiskTier(Tier[bytearray]):
         with self._lock:
             if key in self._index:
                 return True
-        try:
-            size_bytes = chunk_path(self.root, key).stat().st_size
-        except FileNotFoundError:
-            return False
+        path = chunk_path(self.root, key)
+        with _io_errors_as_unavailable("check", path):
+            if not path.is_file():
+                return False
+            size_bytes = path.stat().st_size
         with self._lock:
             self._index_add(key, size_bytes)
         return True
@@ -140,16 +151,17 @@ class DiskTier(Tier[bytearray]):
     def _get(self, key: ChunkKey) -> bytearray | None:
         path = chunk_path(self.root, key)
         try:
-            with open(path, "rb") as file:
-                blob = bytearray(os.fstat(file.fileno()).st_size)
-                file.readinto(blob)
-            os.utime(path)  # the file's mtime is its LRU position across restarts
-        except FileNotFoundError:
-            with self._lock:
+            with _io_errors_as_unavailable("read", path):
+                with open(path, "rb") as file:
+                    blob = bytearray(os.fstat(file.fileno()).st_size)
+                    file.readinto(blob)
+                os.utime(path)  # the file's mtime is its LRU position across restarts
+        except TierUnavailable as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            with self._lock:  # evicted by another process
                 self._index_remove(key)
             return None
-        except OSError as exc:
-            raise TierUnavailable(f"disk tier cannot read {path}: {exc}") from exc
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
@@ -171,15 +183,13 @@ class DiskTier(Tier[bytearray]):
         path = chunk_path(self.root, key)
         tmp_path = self._tmp_dir / f"{uuid.uuid4().hex}.tmp"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp_path, "wb") as file:
-                file.write(blob)
-            os.replace(tmp_path, path)
-        except OSError as exc:
-            tmp_path.unlink(missing_ok=True)
-            raise TierUnavailable(
-                f"disk tier cannot write under {self.root}: {exc}; free space there or lower disk.size"
-            ) from exc
+            with _io_errors_as_unavailable("write", path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp_path, "wb") as file:
+                    file.write(blob)
+                os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)  # a failed write leaves nothing behind
         with self._lock:
             self._index_add(key, len(blob))
 
@@ -192,21 +202,26 @@ class DiskTier(Tier[bytearray]):
                 self._used_bytes -= evicted_bytes
                 self.counters.num_evictions += 1
                 self.counters.evicted_bytes += evicted_bytes
-            chunk_path(self.root, key).unlink(missing_ok=True)
+            self._unlink(chunk_path(self.root, key))
+
+    def _unlink(self, path: Path) -> None:
+        with _io_errors_as_unavailable("remove", path):
+            path.unlink(missing_ok=True)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         for key in keys:
             with self._lock:
                 self._index_remove(key)
-            chunk_path(self.root, key).unlink(missing_ok=True)
+            self._unlink(chunk_path(self.root, key))
 
     def note_namespace(self, namespace: Namespace) -> None:
         if namespace.id in self._noted_namespace_ids:
             return
         path = self.root / namespace.id / "namespace.json"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp_path = self._tmp_dir / f"{uuid.uuid4().hex}.tmp"
-            tmp_path.write_text(json.dumps(namespace.describe(), indent=2, sort_keys=True))
-            os.replace(tmp_path, path)
+        with _io_errors_as_unavailable("write", path):
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp_path = self._tmp_dir / f"{uuid.uuid4().hex}.tmp"
+                tmp_path.write_text(json.dumps(namespace.describe(), indent=2, sort_keys=True))
+                os.replace(tmp_path, path)
         self._noted_namespace_ids.add(namespace.id)

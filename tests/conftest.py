@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from kvshelf import KVLayout, Namespace, Shelf, load_config
+
+# Small enough to keep core tests fast; real model tests use the model's own layout.
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4)
+CHUNK_SIZE = 4
+
+
+@pytest.fixture
+def namespace() -> Namespace:
+    return Namespace("test-model@1", LAYOUT)
+
+
+def random_kv(num_tokens: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(LAYOUT.shape(num_tokens), generator=generator)
+
+
+@pytest.fixture
+def make_shelf(tmp_path):
+    """Shelves over a disk tier in tmp_path; all closed at the end of the test."""
+    shelves = []
+
+    def make(**overrides) -> Shelf:
+        values = {"chunk_size": CHUNK_SIZE, "disk_path": str(tmp_path / "disk"), **overrides}
+        shelf = Shelf(load_config(environ={}, **values))
+        shelves.append(shelf)
+        return shelf
+
+    yield make
+    for shelf in shelves:
+        shelf.close()

@@ -1,0 +1,75 @@
+import dataclasses
+import subprocess
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvshelf import KVLayout, Namespace, chunk_keys
+
+BASE = Namespace("model@1", KVLayout(30, 3, 64), tp_rank=0, tp_size=1, lora_id=None, cache_salt=None)
+TOKENS = list(range(1000, 1040))
+
+
+def test_only_full_chunks_get_keys():
+    assert len(chunk_keys(TOKENS, BASE, 16)) == 2
+    assert chunk_keys(TOKENS[:15], BASE, 16) == []
+
+
+def test_key_names_the_chunk_and_everything_before_it():
+    keys = chunk_keys(TOKENS, BASE, 8)
+    changed = list(TOKENS)
+    changed[9] += 1  # in chunk 1
+    changed_keys = chunk_keys(changed, BASE, 8)
+    assert changed_keys[0] == keys[0]
+    assert all(a != b for a, b in zip(keys[1:], changed_keys[1:]))
+
+
+def test_keys_are_the_same_in_another_process():
+    script = (
+        "from kvshelf import KVLayout, Namespace, chunk_keys;"
+        "ns = Namespace('model@1', KVLayout(30, 3, 64));"
+        "print(' '.join(k.hex for k in chunk_keys(list(range(1000, 1040)), ns, 8)))"
+    )
+    # PYTHONHASHSEED differs per process by default; keys must not depend on it.
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert other.stdout.split() == [key.hex for key in chunk_keys(TOKENS, BASE, 8)]
+
+
+def test_multimodal_hash_changes_its_chunk_and_later_ones():
+    plain = chunk_keys(TOKENS, BASE, 8)
+    with_image = chunk_keys(TOKENS, BASE, 8, mm_hashes=[(17, b"image-a")])
+    other_image = chunk_keys(TOKENS, BASE, 8, mm_hashes=[(17, b"image-b")])
+    assert with_image[:2] == plain[:2]
+    assert all(a != b for a, b in zip(with_image[2:], plain[2:]))
+    assert all(a != b for a, b in zip(with_image[2:], other_image[2:]))
+
+
+namespace_changes = st.one_of(
+    st.builds(lambda s: {"model_id": s}, st.text(min_size=1)),
+    st.builds(lambda n: {"layout": KVLayout(n, 3, 64)}, st.integers(1, 200)),
+    st.builds(lambda n: {"layout": KVLayout(30, n, 64)}, st.integers(1, 64)),
+    st.builds(lambda n: {"layout": KVLayout(30, 3, n)}, st.integers(1, 512)),
+    st.builds(lambda d: {"layout": KVLayout(30, 3, 64, d)}, st.sampled_from(["float16", "bfloat16"])),
+    st.builds(lambda r: {"tp_rank": r, "tp_size": 8}, st.integers(0, 7)),
+    st.builds(lambda n: {"tp_size": n}, st.integers(2, 64)),
+    st.builds(lambda s: {"lora_id": s}, st.text()),
+    st.builds(lambda s: {"cache_salt": s}, st.text()),
+    st.builds(lambda s: {"extra": (("kv_cache_dtype", s),)}, st.text()),
+)
+
+
+@given(namespace_changes)
+def test_any_namespace_change_gives_different_keys(change):
+    changed = dataclasses.replace(BASE, **change)
+    if changed == BASE:
+        return  # e.g. the same model id drawn again
+    assert changed.digest != BASE.digest
+    assert not set(chunk_keys(TOKENS, changed, 8)) & set(chunk_keys(TOKENS, BASE, 8))
+
+
+@given(st.lists(st.integers(0, 2**31 - 1), min_size=8, max_size=64), st.integers(1, 16))
+def test_keys_are_deterministic_and_prefix_stable(tokens, chunk_size):
+    keys = chunk_keys(tokens, BASE, chunk_size)
+    assert keys == chunk_keys(tokens, BASE, chunk_size)
+    assert chunk_keys(tokens[: len(tokens) // 2], BASE, chunk_size) == keys[: len(tokens) // 2 // chunk_size]
