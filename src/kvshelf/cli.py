@@ -1,0 +1,108 @@
+"""The `kvshelf` command: demo, bench, inspect."""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvshelf", description="A KV-cache layer for LLM inference engines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="long-document QA on the bundled model: cold vs warm vs after restart")
+    demo.add_argument("--out", default="out/demo", help="where to write summary.json, the plot and the disk tier")
+    demo.set_defaults(handler=run_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks (JSON summary + PNG plot)")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    long_doc = benches.add_parser("long-doc-qa", help="TTFT cold / warm memory / warm disk on the HF engine")
+    long_doc.add_argument("--num-docs", type=int, default=3)
+    long_doc.add_argument("--doc-tokens", type=int, default=4096)
+    long_doc.add_argument("--num-questions", type=int, default=3)
+    long_doc.add_argument("--chunk-size", type=int, default=256)
+    long_doc.add_argument("--max-new-tokens", type=int, default=8)
+    long_doc.add_argument("--out", default="out/long-doc-qa")
+    long_doc.set_defaults(handler=run_long_doc_qa)
+
+    inspect = commands.add_parser("inspect", help="what a disk store holds: chunks, bytes, namespaces, damaged files")
+    inspect.add_argument("path", type=Path, help="the disk tier's directory (disk.path)")
+    inspect.add_argument("--no-verify", action="store_true", help="skip reading and checking every chunk")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(handler=run_inspect)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except ValueError as exc:  # user errors carry their fix; no traceback
+        print(f"kvshelf: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from kvshelf.bench.long_doc_qa import LongDocQA
+
+    spec = LongDocQA(num_docs=2, doc_tokens=1024, num_questions=2, max_new_tokens=8, work_dir=args.out)
+    return _long_doc_qa(spec)
+
+
+def run_long_doc_qa(args: argparse.Namespace) -> int:
+    from kvshelf.bench.long_doc_qa import LongDocQA
+
+    spec = LongDocQA(args.num_docs, args.doc_tokens, args.num_questions, args.chunk_size, args.max_new_tokens,
+                     work_dir=args.out)
+    return _long_doc_qa(spec)
+
+
+def _long_doc_qa(spec) -> int:
+    from kvshelf.bench import long_doc_qa
+    from kvshelf.bench.report import long_doc_qa_table, plot_long_doc_qa
+
+    print("loading the bundled model (converted once on first use) ...", file=sys.stderr)
+    summary = long_doc_qa.run(spec, progress=lambda items, desc: tqdm(items, desc=desc, file=sys.stderr))
+    out = Path(spec.work_dir)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_long_doc_qa(summary, out / "long-doc-qa.png")
+    print(json.dumps({key: value for key, value in summary.items() if key != "records"}, indent=2))
+    print()
+    print(long_doc_qa_table(summary))
+    print(f"\nwrote {out / 'summary.json'} and {out / 'long-doc-qa.png'}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from kvshelf.inspection import inspect_disk_store
+
+    report = inspect_disk_store(
+        args.path, verify=not args.no_verify,
+        progress=lambda files: tqdm(files, desc="verifying", file=sys.stderr, disable=len(files) < 64),
+    )
+    if args.json:
+        print(json.dumps({"root": report.root, "num_chunks": report.num_chunks, "stored_bytes": report.stored_bytes,
+                          "namespaces": {k: vars_of(v) for k, v in report.namespaces.items()},
+                          "damaged": report.damaged, "num_temp_files": report.num_temp_files}, indent=2))
+        return 0
+    print(f"{report.root}: {report.num_chunks} chunks, {report.stored_bytes / 2**20:.1f} MiB")
+    for namespace in report.namespaces.values():
+        what = namespace.description or {}
+        model = what.get("model_id", "(no namespace.json)")
+        salt = f", cache_salt={what['cache_salt']}" if what.get("cache_salt") else ""
+        print(f"  {namespace.namespace_id}  {namespace.num_chunks:>7} chunks  "
+              f"{namespace.stored_bytes / 2**20:>9.1f} MiB  {model}{salt}")
+    for damaged in report.damaged:
+        print(f"  damaged: {damaged['path']}: {damaged['reason']}")
+    if report.num_temp_files:
+        print(f"  {report.num_temp_files} files being written (or abandoned) in .tmp")
+    return 0
+
+
+def vars_of(report) -> dict:
+    return {field: getattr(report, field) for field in report.__slots__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
