@@ -107,7 +107,7 @@ class HFEngine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         namespace = self.namespace(cache_salt)
-        cache, hit_tokens = self._load_prefix(token_ids, namespace)
+        cache, hit_tokens = self.load_prefix(token_ids, namespace)
         load_s = time.perf_counter() - started_s
         logits = self._forward(token_ids[hit_tokens:], cache)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -123,7 +123,8 @@ class HFEngine:
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
         return GenerationResult(text, output_ids, len(token_ids), hit_tokens, ttft_s, load_s, first_logits)
 
-    def _load_prefix(self, token_ids: list[int], namespace: Namespace) -> tuple[DynamicCache, int]:
+    def load_prefix(self, token_ids: list[int], namespace: Namespace) -> tuple[DynamicCache, int]:
+        """A DynamicCache holding the longest usable cached prefix of `token_ids`, and its length."""
         cache = DynamicCache(config=self.model.config)
         if self.shelf is None:
             return cache, 0

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from kvshelf.errors import TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey, Namespace
 from kvshelf.tiers.base import Tier
@@ -69,7 +71,7 @@ def key_from_path(path: Path) -> ChunkKey | None:
     return ChunkKey(namespace_id, digest)
 
 
-class DiskTier(Tier[bytearray]):
+class DiskTier(Tier[memoryview]):
     name = "disk"
 
     def __init__(self, root: Path, capacity_bytes: int) -> None:
@@ -145,22 +147,25 @@ class DiskTier(Tier[bytearray]):
                 return count
         return len(keys)
 
-    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytearray | None]:
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
         return [self._get(key) for key in keys]
 
-    def _get(self, key: ChunkKey) -> bytearray | None:
+    def _get(self, key: ChunkKey) -> memoryview | None:
         path = chunk_path(self.root, key)
         try:
             with _io_errors_as_unavailable("read", path):
-                with open(path, "rb") as file:
-                    blob = bytearray(os.fstat(file.fileno()).st_size)
-                    file.readinto(blob)
+                with open(path, "rb", buffering=0) as file:
+                    # Uninitialised and writable: no zero-fill, and decoders can share it without a copy.
+                    blob = memoryview(np.empty(os.fstat(file.fileno()).st_size, dtype=np.uint8))
+                    num_read = file.readinto(blob)
                 os.utime(path)  # the file's mtime is its LRU position across restarts
         except TierUnavailable as exc:
             if not isinstance(exc.__cause__, FileNotFoundError):
                 raise
             with self._lock:  # evicted by another process
                 self._index_remove(key)
+            return None
+        if num_read != len(blob):  # shrank under us: treat like a missing file
             return None
         with self._lock:
             if key in self._index:
