@@ -134,14 +134,15 @@ class HFEngine:
         if usable_tokens == 0 or self.shelf.lookup(token_ids, namespace) == 0:
             return cache, 0
         loaded = self.shelf.load(token_ids, namespace, usable_tokens)
-        kv = loaded.kv()  # (layers, 2, tokens, kv_heads, head_dim)
-        if kv is None:
+        if loaded.num_tokens == 0:
             return cache, 0
-        # Views, not copies: the first forward concatenates new KV onto them anyway.
-        per_head = kv.to(self.model.device).permute(0, 1, 3, 2, 4).unsqueeze(2)  # (layers, 2, 1, heads, tokens, dim)
-        for layer, layer_kv in zip(cache.layers, per_head):
-            layer.lazy_initialization(layer_kv[0], layer_kv[1])
-            layer.keys, layer.values = layer_kv[0], layer_kv[1]
+        device = self.model.device
+        # Each chunk (layers, 2, tokens, kv_heads, head_dim) -> per layer (1, kv_heads, tokens, head_dim) views.
+        per_head = [chunk.to(device).permute(0, 1, 3, 2, 4).unsqueeze(2) for chunk in loaded.chunks]
+        for layer_index in range(len(cache.layers)):
+            cache.layers[layer_index] = ChunkedPrefixLayer(
+                [chunk[layer_index, 0] for chunk in per_head], [chunk[layer_index, 1] for chunk in per_head]
+            )
         return cache, loaded.num_tokens
 
     def _forward(self, new_ids: list[int], cache: DynamicCache) -> torch.Tensor:
@@ -162,6 +163,33 @@ class HFEngine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list) else {eos}
+
+
+class ChunkedPrefixLayer(DynamicLayer):
+    """A DynamicLayer holding a loaded prefix as per-chunk views until its first update.
+
+    A DynamicLayer concatenates new KV onto its tensor at every update, so a prefix given as one
+    tensor would be copied twice (joining the chunks, then appending the new tokens); this layer
+    joins chunks and new tokens in that first update: one copy, which prefill makes anyway.
+    """
+
+    def __init__(self, key_chunks: list[torch.Tensor], value_chunks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.lazy_initialization(key_chunks[0], value_chunks[0])
+        self._pending_chunks: tuple[list[torch.Tensor], list[torch.Tensor]] | None = (key_chunks, value_chunks)
+        self._prefix_tokens = sum(chunk.shape[-2] for chunk in key_chunks)
+
+    def get_seq_length(self) -> int:
+        return self._prefix_tokens if self._pending_chunks is not None else super().get_seq_length()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._pending_chunks is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        key_chunks, value_chunks = self._pending_chunks
+        self._pending_chunks = None
+        self.keys = torch.cat([*key_chunks, key_states], dim=-2)
+        self.values = torch.cat([*value_chunks, value_states], dim=-2)
+        return self.keys, self.values
 
 
 def cache_to_canonical(cache: DynamicCache, begin: int, end: int) -> torch.Tensor:
