@@ -7,7 +7,19 @@ from kvshelf.layout import KVLayout
 from kvshelf.shelf import LoadResult, Shelf
 
 __all__ = [
-    "ChunkKey", "ConfigError", "CorruptChunk", "DiskConfig", "KVLayout", "KVShelfError", "LoadResult",
-    "MemoryConfig", "Namespace", "Shelf", "ShelfConfig", "TierUnavailable", "UnknownCodec", "chunk_keys",
+    "ChunkKey",
+    "ConfigError",
+    "CorruptChunk",
+    "DiskConfig",
+    "KVLayout",
+    "KVShelfError",
+    "LoadResult",
+    "MemoryConfig",
+    "Namespace",
+    "Shelf",
+    "ShelfConfig",
+    "TierUnavailable",
+    "UnknownCodec",
+    "chunk_keys",
     "load_config",
 ]

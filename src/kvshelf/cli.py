@@ -53,8 +53,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_long_doc_qa(args: argparse.Namespace) -> int:
     from kvshelf.bench.long_doc_qa import LongDocQA
 
-    spec = LongDocQA(args.num_docs, args.doc_tokens, args.num_questions, args.chunk_size, args.max_new_tokens,
-                     work_dir=args.out)
+    spec = LongDocQA(
+        args.num_docs, args.doc_tokens, args.num_questions, args.chunk_size, args.max_new_tokens, work_dir=args.out
+    )
     return _long_doc_qa(spec)
 
 
@@ -78,21 +79,34 @@ def run_inspect(args: argparse.Namespace) -> int:
     from kvshelf.inspection import inspect_disk_store
 
     report = inspect_disk_store(
-        args.path, verify=not args.no_verify,
+        args.path,
+        verify=not args.no_verify,
         progress=lambda files: tqdm(files, desc="verifying", file=sys.stderr, disable=len(files) < 64),
     )
     if args.json:
-        print(json.dumps({"root": report.root, "num_chunks": report.num_chunks, "stored_bytes": report.stored_bytes,
-                          "namespaces": {k: vars_of(v) for k, v in report.namespaces.items()},
-                          "damaged": report.damaged, "num_temp_files": report.num_temp_files}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "root": report.root,
+                    "num_chunks": report.num_chunks,
+                    "stored_bytes": report.stored_bytes,
+                    "namespaces": {k: vars_of(v) for k, v in report.namespaces.items()},
+                    "damaged": report.damaged,
+                    "num_temp_files": report.num_temp_files,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{report.root}: {report.num_chunks} chunks, {report.stored_bytes / 2**20:.1f} MiB")
     for namespace in report.namespaces.values():
         what = namespace.description or {}
         model = what.get("model_id", "(no namespace.json)")
         salt = f", cache_salt={what['cache_salt']}" if what.get("cache_salt") else ""
-        print(f"  {namespace.namespace_id}  {namespace.num_chunks:>7} chunks  "
-              f"{namespace.stored_bytes / 2**20:>9.1f} MiB  {model}{salt}")
+        print(
+            f"  {namespace.namespace_id}  {namespace.num_chunks:>7} chunks  "
+            f"{namespace.stored_bytes / 2**20:>9.1f} MiB  {model}{salt}"
+        )
     for damaged in report.damaged:
         print(f"  damaged: {damaged['path']}: {damaged['reason']}")
     if report.num_temp_files:

@@ -27,8 +27,18 @@ from kvshelf.errors import ConfigError
 CONFIG_FILE_ENV = "KVSHELF_CONFIG"
 # KVSHELF_* variables that are not configuration keys.
 NON_CONFIG_ENV = {CONFIG_FILE_ENV, "KVSHELF_HOME"}
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,9 @@ class ShelfConfig:
     disk: DiskConfig | None = None
 
 
-def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> ShelfConfig:
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> ShelfConfig:
     """The configuration from `path` (or $KVSHELF_CONFIG), `environ` (default os.environ), and `overrides`.
 
     Overrides use `_` for the section dot: `load_config(memory_size="1GiB", disk_path="/tmp/kv")`.
@@ -71,7 +83,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check the path ({CONFIG_FILE_ENV})") from exc
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}; check the path ({CONFIG_FILE_ENV})"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(document, dict):
@@ -125,7 +139,10 @@ def _build(values: dict[str, Any]) -> ShelfConfig:
         _check_writable(disk.path)
         _check_fits_disk(disk)
     elif "disk.size" in parsed or "disk.codec" in parsed:
-        raise ConfigError("disk.size/disk.codec are set but disk.path is not; set disk.path (KVSHELF_DISK_PATH) to enable the disk tier")
+        raise ConfigError(
+            "disk.size/disk.codec are set but disk.path is not; "
+            "set disk.path (KVSHELF_DISK_PATH) to enable the disk tier"
+        )
     top = {key: parsed[key] for key in ("chunk_size", "writer_queue_size", "tier_backoff_s") if key in parsed}
     return ShelfConfig(memory=memory, disk=disk, **top)
 
@@ -178,7 +195,8 @@ def _check_fits_ram(size_bytes: int) -> None:
     ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if size_bytes > ram_bytes:
         raise ConfigError(
-            f"memory.size is {size_bytes / 2**30:.1f} GiB but this machine has {ram_bytes / 2**30:.1f} GiB of RAM; lower memory.size"
+            f"memory.size is {size_bytes / 2**30:.1f} GiB but this machine has {ram_bytes / 2**30:.1f} GiB of RAM; "
+            "lower memory.size"
         )
 
 
@@ -189,7 +207,9 @@ def _check_writable(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"disk.path {path} is not a writable directory ({exc.strerror}); choose another disk.path") from exc
+        raise ConfigError(
+            f"disk.path {path} is not a writable directory ({exc.strerror}); choose another disk.path"
+        ) from exc
 
 
 def _check_fits_disk(disk: DiskConfig) -> None:

@@ -5,7 +5,7 @@ Each shelf has its own CollectorRegistry, so several shelves in one process neve
 """
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -37,18 +37,23 @@ class ShelfCounters:
 
 
 class ShelfMetrics:
-    def __init__(self, tiers: Callable[[], list[Tier]]) -> None:
-        self.counters = ShelfCounters()
+    def __init__(self, counters: ShelfCounters, tiers: Sequence[Tier]) -> None:
+        self.counters = counters
         self._tiers = tiers
         self.registry = CollectorRegistry()
         self.registry.register(_CounterCollector(self))
         self.load_seconds = Histogram(
-            "kvshelf_load_seconds", "Time to load a prefix's KV from the tiers", buckets=LATENCY_BUCKETS_S,
+            "kvshelf_load_seconds",
+            "Time to load a prefix's KV from the tiers",
+            buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
         self.store_seconds = Histogram(
-            "kvshelf_store_seconds", "Time to encode and write chunks to a lower tier", ["tier"],
-            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            "kvshelf_store_seconds",
+            "Time to encode and write chunks to a lower tier",
+            ["tier"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
 
     def snapshot(self) -> dict:
@@ -68,7 +73,7 @@ class ShelfMetrics:
                     "corrupt_chunks": counters.corrupt_chunks[tier.name],
                     "errors": counters.tier_errors[tier.name],
                 }
-                for tier in self._tiers()
+                for tier in self._tiers
             },
         }
 
@@ -85,14 +90,20 @@ class _CounterCollector(Collector):
         tokens.add_metric(["hit"], counters.hit_tokens)
         tokens.add_metric(["miss"], counters.miss_tokens)
         yield tokens
-        yield CounterMetricFamily("kvshelf_dropped_writes", "Chunk writes dropped (writer queue full or tier down)",
-                                  value=counters.dropped_writes)
+        yield CounterMetricFamily(
+            "kvshelf_dropped_writes",
+            "Chunk writes dropped (writer queue full or tier down)",
+            value=counters.dropped_writes,
+        )
         per_tier = {
-            "loaded_bytes": CounterMetricFamily("kvshelf_loaded_bytes", "Bytes of KV read from a tier", labels=["tier"]),
+            "loaded_bytes": CounterMetricFamily(
+                "kvshelf_loaded_bytes", "Bytes of KV read from a tier", labels=["tier"]
+            ),
             "stored_bytes": CounterMetricFamily("kvshelf_stored_bytes", "Bytes written to a tier", labels=["tier"]),
             "evictions": CounterMetricFamily("kvshelf_evictions", "Chunks evicted from a tier", labels=["tier"]),
-            "corrupt_chunks": CounterMetricFamily("kvshelf_corrupt_chunks", "Stored chunks that failed verification",
-                                                  labels=["tier"]),
+            "corrupt_chunks": CounterMetricFamily(
+                "kvshelf_corrupt_chunks", "Stored chunks that failed verification", labels=["tier"]
+            ),
             "errors": CounterMetricFamily("kvshelf_tier_errors", "Failed tier operations", labels=["tier"]),
             "used_bytes": GaugeMetricFamily("kvshelf_tier_used_bytes", "Bytes a tier holds", labels=["tier"]),
             "capacity_bytes": GaugeMetricFamily("kvshelf_tier_capacity_bytes", "A tier's byte budget", labels=["tier"]),

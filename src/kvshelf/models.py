@@ -93,8 +93,11 @@ def bundled_model_dir(cache_dir: Path | None = None) -> Path:
     gguf_path = bundled_gguf_path()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_home() / "models"
     final_dir = cache_dir / MODEL_NAME
-    stamp = {"model_id": _bundled_model_id(), "gguf_size_bytes": gguf_path.stat().st_size,
-             "layout_version": LAYOUT_VERSION}
+    stamp = {
+        "model_id": _bundled_model_id(),
+        "gguf_size_bytes": gguf_path.stat().st_size,
+        "layout_version": LAYOUT_VERSION,
+    }
     if _is_complete(final_dir, stamp):
         return final_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +127,9 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     started_s = time.monotonic()
     logger.info("Converting %s to float32 safetensors in %s", gguf_path, out_dir)
     # dequantize=True: with the `kernels` package installed, transformers would keep weights packed.
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=str(gguf_path), dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=str(gguf_path), dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=str(gguf_path))
     if not tokenizer.chat_template:
         tokenizer.chat_template = _gguf_chat_template(gguf_path)
@@ -157,9 +161,14 @@ def _add_transformers4_fields(model_dir: Path, chat_template: str | None) -> Non
     config = json.loads((model_dir / "config.json").read_text())
     _update_json(model_dir / "config.json", {"rope_theta": config["rope_parameters"]["rope_theta"]})
     # model_input_names: 4.x's generic fast tokenizer would also return token_type_ids, which Llama rejects.
-    _update_json(model_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template,
-        "model_input_names": ["input_ids", "attention_mask"]})
+    _update_json(
+        model_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": chat_template,
+            "model_input_names": ["input_ids", "attention_mask"],
+        },
+    )
 
 
 def _check_vllm_layout(model_dir: Path) -> None:
@@ -168,8 +177,10 @@ def _check_vllm_layout(model_dir: Path) -> None:
     architectures = json.loads((model_dir / "config.json").read_text()).get("architectures")
     has_template = bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template"))
     if missing or architectures != ["LlamaForCausalLM"] or not has_template:
-        raise KVShelfError(f"Converting {MODEL_NAME} gave an unusable directory: missing files {missing}, "
-                           f"architectures {architectures}, chat template present: {has_template}")
+        raise KVShelfError(
+            f"Converting {MODEL_NAME} gave an unusable directory: missing files {missing}, "
+            f"architectures {architectures}, chat template present: {has_template}"
+        )
 
 
 def load_bundled(cache_dir: Path | None = None) -> tuple[Any, Any]:

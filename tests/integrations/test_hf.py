@@ -144,8 +144,9 @@ with Shelf(load_config(environ={}, chunk_size=64, disk_path=sys.argv[1])) as she
     print(json.dumps({"hit_tokens": result.hit_tokens, "output_ids": result.output_ids,
                       "disk_loaded_bytes": shelf.stats()["tiers"]["disk"]["loaded_bytes"]}))
 """
-    child = subprocess.run([sys.executable, "-c", script, str(disk_path), json.dumps(prompt)],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(disk_path), json.dumps(prompt)], capture_output=True, text=True, check=True
+    )
     outcome = json.loads(child.stdout.strip().splitlines()[-1])
     assert outcome["hit_tokens"] == 3 * CHUNK_SIZE
     assert outcome["disk_loaded_bytes"] > 0

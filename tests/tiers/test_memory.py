@@ -1,7 +1,6 @@
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-import torch
 
 from kvshelf import ChunkKey
 from kvshelf.tiers.memory import MemoryTier

@@ -19,9 +19,32 @@ QUESTIONS = (
     "What would a beginner find hardest in the text above?",
 )
 
-_MODULES = ("collections", "functools", "itertools", "pathlib", "json", "re", "datetime", "argparse",
-            "logging", "subprocess", "threading", "asyncio", "typing", "dataclasses", "unittest",
-            "email", "http", "urllib", "sqlite3", "decimal", "fractions", "statistics", "random", "string")
+_MODULES = (
+    "collections",
+    "functools",
+    "itertools",
+    "pathlib",
+    "json",
+    "re",
+    "datetime",
+    "argparse",
+    "logging",
+    "subprocess",
+    "threading",
+    "asyncio",
+    "typing",
+    "dataclasses",
+    "unittest",
+    "email",
+    "http",
+    "urllib",
+    "sqlite3",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "string",
+)
 
 
 def stdlib_corpus() -> str:

@@ -74,8 +74,16 @@ class Workload:
 
 
 def record(phase: str, doc: int, question: int, result) -> dict:
-    return {"phase": phase, "doc": doc, "question": question, "ttft_s": result.ttft_s, "load_s": result.load_s,
-            "hit_tokens": result.hit_tokens, "prompt_tokens": result.num_prompt_tokens, "output_ids": result.output_ids}
+    return {
+        "phase": phase,
+        "doc": doc,
+        "question": question,
+        "ttft_s": result.ttft_s,
+        "load_s": result.load_s,
+        "hit_tokens": result.hit_tokens,
+        "prompt_tokens": result.num_prompt_tokens,
+        "output_ids": result.output_ids,
+    }
 
 
 def drop_page_cache(paths: Iterable[Path]) -> None:
@@ -95,13 +103,10 @@ def read_cold(paths: list[Path]) -> None:
         path.read_bytes()
 
 
-def median_s(action: Callable[[], object], repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        started_s = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started_s)
-    return statistics.median(times)
+def elapsed_s(action: Callable[..., object], *args: object) -> float:
+    started_s = time.perf_counter()
+    action(*args)
+    return time.perf_counter() - started_s
 
 
 def doc_chunk_files(spec: LongDocQA, engine: HFEngine, workload: Workload, doc: int) -> list[Path]:
@@ -130,7 +135,8 @@ def run_in_memory_phases(spec: LongDocQA, model, tokenizer, model_id: str, progr
         for doc in range(spec.num_docs):
             hit_tokens = next(r["hit_tokens"] for r in records if r["phase"] == "warm_memory" and r["doc"] == doc)
             source = torch.empty(plain.layout.shape(hit_tokens), dtype=plain.layout.torch_dtype)
-            limits.append({"doc": doc, "bytes": source.nbytes, "memcpy_s": median_s(source.clone)})
+            memcpy_s = statistics.median(elapsed_s(source.clone) for _ in range(5))
+            limits.append({"doc": doc, "bytes": source.nbytes, "memcpy_s": memcpy_s})
     return records, limits
 
 
@@ -151,13 +157,19 @@ def run_disk_phase(spec: LongDocQA, model, tokenizer, model_id: str) -> tuple[li
         files = doc_chunk_files(spec, cached, workload, doc)[: records[doc]["hit_tokens"] // spec.chunk_size]
         load_times, read_times = [], []
         for _ in range(3):
-            read_times.append(median_s(lambda: read_cold(files), repeats=1))
+            read_times.append(elapsed_s(read_cold, files))
             with Shelf(config) as fresh:  # empty memory tier
                 engine = HFEngine(model, tokenizer, fresh, model_id)
                 drop_page_cache(files)
-                load_times.append(median_s(lambda: engine.load_prefix(prompt, engine.namespace()), repeats=1))
-        limits.append({"doc": doc, "bytes": sum(path.stat().st_size for path in files),
-                       "read_s": statistics.median(read_times), "load_s": statistics.median(load_times)})
+                load_times.append(elapsed_s(engine.load_prefix, prompt, engine.namespace()))
+        limits.append(
+            {
+                "doc": doc,
+                "bytes": sum(path.stat().st_size for path in files),
+                "read_s": statistics.median(read_times),
+                "load_s": statistics.median(load_times),
+            }
+        )
     return records, limits
 
 
@@ -167,7 +179,9 @@ def run(spec: LongDocQA, progress) -> dict:
     records, memcpy_limits = run_in_memory_phases(spec, model, tokenizer, BUNDLED_MODEL_ID, progress)
     disk = subprocess.run(
         [sys.executable, "-m", "kvshelf.bench.long_doc_qa", "--disk-phase", json.dumps(asdict(spec))],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     disk_records, read_limits = json.loads(disk.stdout.strip().splitlines()[-1])
     return summarize(spec, records + disk_records, memcpy_limits, read_limits)

@@ -49,11 +49,14 @@ def plot_long_doc_qa(summary: dict, path: Path) -> None:
     left.invert_yaxis()
     left.set_title(f"long-doc-qa, {summary['workload']['doc_tokens']}-token documents")
     bars = {
-        "memory tier load": load["memory_load_s"], "memcpy (limit)": load["memcpy_s"],
-        "disk tier load": load["disk_load_s"], "cold file read (limit)": load["cold_file_read_s"],
+        "memory tier load": load["memory_load_s"],
+        "memcpy (limit)": load["memcpy_s"],
+        "disk tier load": load["disk_load_s"],
+        "cold file read (limit)": load["cold_file_read_s"],
     }
-    right.bar(list(bars), [seconds * 1000 for seconds in bars.values()],
-              color=["tab:green", "grey", "tab:blue", "grey"])
+    right.bar(
+        list(bars), [seconds * 1000 for seconds in bars.values()], color=["tab:green", "grey", "tab:blue", "grey"]
+    )
     right.set_ylabel("ms per document prefix")
     right.set_title("load path vs physical limit")
     right.tick_params(axis="x", labelrotation=20)

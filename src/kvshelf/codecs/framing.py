@@ -62,10 +62,3 @@ def unframe(blob: bytes | bytearray | memoryview, key_digest: bytes, codecs: dic
     if dtype_code not in _DTYPE_BY_CODE:
         raise CorruptChunk(f"dtype code {dtype_code} is unknown")
     return codecs[codec_id].decode(view[HEADER_BYTES:], tuple(shape), _DTYPE_BY_CODE[dtype_code])
-
-
-def read_header(blob: bytes | bytearray | memoryview) -> dict:
-    """Header fields of an object, without verifying it (for `kvshelf inspect`)."""
-    magic, version, codec_id, dtype_code, _, *rest = _PREFIX.unpack_from(blob)
-    *shape, digest, payload_bytes = rest
-    return {"codec_id": codec_id, "shape": tuple(shape), "key": digest.hex(), "payload_bytes": payload_bytes}

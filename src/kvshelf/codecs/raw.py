@@ -19,7 +19,9 @@ class RawCodec(Codec):
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if len(payload) != math.prod(shape) * itemsize:
-            raise CorruptChunk(f"raw payload holds {len(payload)} bytes, shape {shape} needs {math.prod(shape) * itemsize}")
+            raise CorruptChunk(
+                f"raw payload holds {len(payload)} bytes, shape {shape} needs {math.prod(shape) * itemsize}"
+            )
         if len(payload) == 0:
             return torch.empty(shape, dtype=dtype)
         # A writable buffer (bytearray) is shared, not copied; a read-only one must be copied

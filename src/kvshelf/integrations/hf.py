@@ -44,7 +44,9 @@ def layout_of(model: PreTrainedModel) -> KVLayout:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if model.dtype not in DTYPE_NAMES:
-        raise ValueError(f"kvshelf cannot store KV of dtype {model.dtype}; load the model in float32, float16 or bfloat16")
+        raise ValueError(
+            f"kvshelf cannot store KV of dtype {model.dtype}; load the model in float32, float16 or bfloat16"
+        )
     return KVLayout(config.num_hidden_layers, num_kv_heads, head_dim, DTYPE_NAMES[model.dtype])
 
 
@@ -84,9 +86,11 @@ class HFEngine:
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if prompt and isinstance(prompt[0], dict):
-            return list(self.tokenizer.apply_chat_template(
-                list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
-            ))
+            return list(
+                self.tokenizer.apply_chat_template(
+                    list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         return [int(token_id) for token_id in prompt]
 
     @torch.inference_mode()

@@ -14,7 +14,7 @@ import torch
 from kvshelf.codecs import get_codec
 from kvshelf.config import ShelfConfig, load_config
 from kvshelf.keys import ChunkKey, Namespace, chunk_keys
-from kvshelf.metrics import ShelfMetrics
+from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
 from kvshelf.tiers.disk import DiskTier
@@ -35,14 +35,13 @@ class Shelf:
     def __init__(self, config: ShelfConfig | None = None) -> None:
         self.config = config or ShelfConfig()
         self.chunk_size = self.config.chunk_size
-        self.metrics = ShelfMetrics(lambda: self._stack.tiers)
         lower = []
         if self.config.disk is not None:
             disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes)
             lower.append(LowerTier(disk, get_codec(self.config.disk.codec)))
-        self._stack = TierStack(
-            MemoryTier(self.config.memory.size_bytes), lower, self.metrics.counters, self.config.tier_backoff_s
-        )
+        counters = ShelfCounters()
+        self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, counters, self.config.tier_backoff_s)
+        self.metrics = ShelfMetrics(counters, self._stack.tiers)
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
         self._closed = False
 

@@ -8,10 +8,12 @@ are simply missing.
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from prometheus_client import Histogram
 
 from kvshelf.codecs import CODECS_BY_ID, Codec, frame, unframe
 from kvshelf.errors import CorruptChunk, TierUnavailable
@@ -35,7 +37,9 @@ class LowerTier:
 
 
 class TierStack:
-    def __init__(self, memory: MemoryTier, lower: Sequence[LowerTier], counters: ShelfCounters, backoff_s: float) -> None:
+    def __init__(
+        self, memory: MemoryTier, lower: Sequence[LowerTier], counters: ShelfCounters, backoff_s: float
+    ) -> None:
         self.memory = memory
         self.lower = list(lower)
         self._counters = counters
@@ -53,7 +57,7 @@ class TierStack:
             progressed = False
             num_found += self.memory.contains_prefix(keys[num_found:])
             for slot in self.lower:
-                found = self._guarded(slot, lambda: slot.tier.contains_prefix(keys[num_found:]), 0)
+                found = self._guarded(slot, 0, slot.tier.contains_prefix, keys[num_found:])
                 num_found += found
                 progressed = progressed or found > 0
         return num_found
@@ -61,7 +65,7 @@ class TierStack:
     def get_prefix(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """Chunks of the longest leading run of `keys` that can be read and verified."""
         chunks = self.memory.get_many(keys)
-        for index, chunk in enumerate(chunks):
+        for chunk in chunks:
             if chunk is not None:
                 self._counters.loaded_bytes[self.memory.name] += tensor_bytes(chunk)
         for slot in self.lower:
@@ -80,7 +84,7 @@ class TierStack:
         return prefix
 
     def _read(self, slot: LowerTier, keys: list[ChunkKey]) -> list[torch.Tensor | None]:
-        blobs = self._guarded(slot, lambda: slot.tier.get_many(keys), [None] * len(keys))
+        blobs = self._guarded(slot, [None] * len(keys), slot.tier.get_many, keys)
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
         for key, blob in zip(keys, blobs):
@@ -95,18 +99,19 @@ class TierStack:
                     corrupt_keys.append(key)
             chunks.append(chunk)
         if corrupt_keys:
-            self._guarded(slot, lambda: slot.tier.delete(corrupt_keys), None)
+            self._guarded(slot, None, slot.tier.delete, corrupt_keys)
         return chunks
 
-    def write_lower(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace,
-                    store_seconds) -> None:
+    def write_lower(
+        self, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace, store_seconds: Histogram
+    ) -> None:
         """Encode and write `items` to every lower tier that lacks them (runs on the writer thread)."""
         for slot in self.lower:
             if not slot.is_up:
                 self._counters.dropped_writes += 1
                 continue
             started_s = time.perf_counter()
-            self._guarded(slot, lambda: self._write(slot, items, namespace), None)
+            self._guarded(slot, None, self._write, slot, items, namespace)
             store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
 
     def _write(self, slot: LowerTier, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace) -> None:
@@ -118,12 +123,12 @@ class TierStack:
         slot.tier.put_many(blobs)
         self._counters.stored_bytes[slot.tier.name] += sum(len(blob) for _, blob in blobs)
 
-    def _guarded(self, slot: LowerTier, operation, fallback):
-        """Run `operation` on a tier unless it is backing off; a failure starts a back-off."""
+    def _guarded(self, slot: LowerTier, fallback: Any, operation: Callable[..., Any], *args: Any) -> Any:
+        """`operation(*args)` on a tier, unless it is backing off; a failure starts a back-off."""
         if not slot.is_up:
             return fallback
         try:
-            return operation()
+            return operation(*args)
         except TierUnavailable as exc:
             logger.warning("kvshelf: %s tier failed, skipping it for %.1f s: %s", slot.tier.name, self._backoff_s, exc)
             self._counters.tier_errors[slot.tier.name] += 1

@@ -40,7 +40,9 @@ def _io_errors_as_unavailable(action: str, path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise TierUnavailable(f"disk tier cannot {action} {path}: {exc}; check that it exists and has free space") from exc
+        raise TierUnavailable(
+            f"disk tier cannot {action} {path}: {exc}; check that it exists and has free space"
+        ) from exc
 
 
 def chunk_path(root: Path, key: ChunkKey) -> Path:

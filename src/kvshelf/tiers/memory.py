@@ -80,3 +80,9 @@ class MemoryTier(Tier[torch.Tensor]):
         tensor = self._chunks.pop(key, None)
         if tensor is not None:
             self._used_bytes -= tensor_bytes(tensor)
+
+    def close(self) -> None:
+        """Free the chunks now: a closed shelf should give its RAM back at once."""
+        with self._lock:
+            self._chunks.clear()
+            self._used_bytes = 0
