@@ -25,16 +25,18 @@ class TierCounters:
 class Tier(ABC, Generic[Value]):
     name: str
 
-    def __init__(self) -> None:
+    def __init__(self, capacity_bytes: int) -> None:
         self.counters = TierCounters()
+        self._capacity_bytes = capacity_bytes
+        self._used_bytes = 0  # kept up to date by the subclass under its lock
 
     @property
-    @abstractmethod
-    def capacity_bytes(self) -> int: ...
+    def capacity_bytes(self) -> int:
+        return self._capacity_bytes
 
     @property
-    @abstractmethod
-    def used_bytes(self) -> int: ...
+    def used_bytes(self) -> int:
+        return self._used_bytes
 
     @abstractmethod
     def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:

@@ -77,26 +77,16 @@ class DiskTier(Tier[memoryview]):
     name = "disk"
 
     def __init__(self, root: Path, capacity_bytes: int) -> None:
-        super().__init__()
+        super().__init__(capacity_bytes)
         self.root = Path(root)
-        self._capacity_bytes = capacity_bytes
         self._tmp_dir = self.root / TMP_DIR
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._noted_namespace_ids: set[str] = set()
         # key -> file size; oldest access first.
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()
-        self._used_bytes = 0
         self._remove_abandoned_tmp_files()
         self._scan()
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used_bytes
 
     def __len__(self) -> int:
         return len(self._index)

@@ -20,20 +20,10 @@ class MemoryTier(Tier[torch.Tensor]):
     name = "memory"
 
     def __init__(self, capacity_bytes: int) -> None:
-        super().__init__()
-        self._capacity_bytes = capacity_bytes
-        self._used_bytes = 0
+        super().__init__(capacity_bytes)
         # Oldest first; a hit moves a key to the end.
         self._chunks: OrderedDict[ChunkKey, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used_bytes
 
     def __len__(self) -> int:
         return len(self._chunks)
