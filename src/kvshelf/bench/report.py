@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 PHASE_LABELS = {
     "cold": "cold (no kvshelf)",
@@ -43,20 +44,24 @@ def plot_long_doc_qa(summary: dict, path: Path) -> None:
     load = summary["load_path"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [PHASE_LABELS[phase] for phase in PHASE_LABELS]
-    left.barh(labels, [ttft[phase] * 1000 for phase in PHASE_LABELS], color=["grey", "silver", "tab:green", "tab:blue"])
+    ttft_ms = [ttft[phase] * 1000 for phase in PHASE_LABELS]
+    bars = left.barh(labels, ttft_ms, color=["grey", "silver", "tab:green", "tab:blue"])
+    left.bar_label(bars, labels=[f"{ms:.0f} ms" for ms in ttft_ms], padding=3)
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+    left.set_xlim(right=max(ttft_ms) * 4)
     left.set_xlabel("median TTFT (ms, log scale)")
     left.invert_yaxis()
     left.set_title(f"long-doc-qa, {summary['workload']['doc_tokens']}-token documents")
-    bars = {
+    limits = {
         "memory tier load": load["memory_load_s"],
         "memcpy (limit)": load["memcpy_s"],
         "disk tier load": load["disk_load_s"],
         "cold file read (limit)": load["cold_file_read_s"],
     }
-    right.bar(
-        list(bars), [seconds * 1000 for seconds in bars.values()], color=["tab:green", "grey", "tab:blue", "grey"]
-    )
+    limit_ms = [seconds * 1000 for seconds in limits.values()]
+    limit_bars = right.bar(list(limits), limit_ms, color=["tab:green", "grey", "tab:blue", "grey"])
+    right.bar_label(limit_bars, labels=[f"{ms:.1f}" for ms in limit_ms], padding=2)
     right.set_ylabel("ms per document prefix")
     right.set_title("load path vs physical limit")
     right.tick_params(axis="x", labelrotation=20)
