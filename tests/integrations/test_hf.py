@@ -160,6 +160,8 @@ def test_sampling_is_reproducible_with_a_seed(engine, corpus_ids):
     assert second.hit_tokens > 0 and second.output_ids == first.output_ids
 
 
-def test_empty_prompt_is_refused(engine):
+def test_empty_or_too_long_prompt_is_refused(engine):
     with pytest.raises(ValueError, match="empty"):
         engine.generate([], 4)
+    with pytest.raises(ValueError, match="exceeds the model's context of 8192"):
+        engine.generate([1] * 8190, 4)

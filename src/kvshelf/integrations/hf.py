@@ -110,6 +110,12 @@ class HFEngine:
             raise ValueError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        max_tokens = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if max_tokens is not None and len(token_ids) + max_new_tokens > max_tokens:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {max_tokens} tokens; shorten the prompt or lower max_new_tokens"
+            )
         namespace = self.namespace(cache_salt)
         cache, hit_tokens = self.load_prefix(token_ids, namespace)
         load_s = time.perf_counter() - started_s

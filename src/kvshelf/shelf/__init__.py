@@ -24,7 +24,8 @@ from kvshelf.tiers.memory import MemoryTier
 @dataclass(slots=True)
 class LoadResult:
     num_tokens: int
-    chunks: list[torch.Tensor]  # each (layers, 2, chunk_size, kv_heads, head_dim)
+    # Each (layers, 2, chunk_size, kv_heads, head_dim), shared with the memory tier: read, never modify.
+    chunks: list[torch.Tensor]
 
     def kv(self) -> torch.Tensor | None:
         """All loaded tokens as one tensor (layers, 2, num_tokens, kv_heads, head_dim), or None."""
