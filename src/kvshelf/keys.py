@@ -15,6 +15,8 @@ import numpy as np
 from kvshelf.layout import KVLayout
 
 NAMESPACE_ID_CHARS = 16
+# (token position, content hash) of each multimodal input in a prompt.
+MMHashes = Sequence[tuple[int, bytes]]
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def chunk_keys(
     token_ids: Sequence[int],
     namespace: Namespace,
     chunk_size: int,
-    mm_hashes: Sequence[tuple[int, bytes]] = (),
+    mm_hashes: MMHashes = (),
 ) -> list[ChunkKey]:
     """Keys of every full chunk of `token_ids` (a trailing partial chunk gets none).
 

@@ -163,10 +163,13 @@ class HFEngine:
     def _save_prompt(self, token_ids: list[int], cache: DynamicCache, hit_tokens: int, namespace: Namespace) -> None:
         if self.shelf is None:
             return
-        full_tokens = len(token_ids) // self.shelf.chunk_size * self.shelf.chunk_size
-        if full_tokens <= hit_tokens:
-            return
-        self.shelf.save(token_ids, cache_to_canonical(cache, hit_tokens, full_tokens), namespace, start=hit_tokens)
+        chunk_size = self.shelf.chunk_size
+
+        def chunk_at(index: int) -> torch.Tensor:
+            begin = hit_tokens + index * chunk_size
+            return cache_to_canonical(cache, begin, begin + chunk_size)
+
+        self.shelf.save_chunks(token_ids, namespace, chunk_at, start=hit_tokens)
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -5,7 +5,7 @@ Engines see only this class. KV crosses it in the canonical shape
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 
 from kvshelf.codecs import get_codec
 from kvshelf.config import ShelfConfig, load_config
-from kvshelf.keys import ChunkKey, Namespace, chunk_keys
+from kvshelf.keys import ChunkKey, MMHashes, Namespace, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
@@ -51,62 +51,84 @@ class Shelf:
         """A shelf configured from a YAML file, KVSHELF_* variables and keywords (see kvshelf.config)."""
         return cls(load_config(path, **overrides))
 
-    def lookup(self, token_ids: Sequence[int], namespace: Namespace) -> int:
-        """How many leading tokens are available (a multiple of chunk_size)."""
-        keys = chunk_keys(token_ids, namespace, self.chunk_size)
+    def lookup(self, token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes = ()) -> int:
+        """How many leading tokens are available (a multiple of chunk_size).
+
+        `mm_hashes` are (token position, content hash) of multimodal inputs, as in `chunk_keys`.
+        """
+        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes)
         num_tokens = self._stack.contains_prefix(keys) * self.chunk_size
         self.metrics.counters.lookup_tokens += len(token_ids)
         self.metrics.counters.hit_tokens += num_tokens
         return num_tokens
 
-    def load(self, token_ids: Sequence[int], namespace: Namespace, upto: int) -> LoadResult:
+    def load(self, token_ids: Sequence[int], namespace: Namespace, upto: int, mm_hashes: MMHashes = ()) -> LoadResult:
         """KV of the first `upto` tokens, or of fewer if some chunk is missing or damaged.
 
         `upto` is rounded down to a multiple of chunk_size. Loaded chunks are promoted to memory.
         """
         started_s = time.perf_counter()
-        keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size)
+        keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size, mm_hashes)
         chunks = self._stack.get_prefix(keys)
         self.metrics.load_seconds.observe(time.perf_counter() - started_s)
         return LoadResult(len(chunks) * self.chunk_size, chunks)
 
-    def save(self, token_ids: Sequence[int], kv: torch.Tensor, namespace: Namespace, start: int = 0) -> int:
+    def save(
+        self, token_ids: Sequence[int], kv: torch.Tensor, namespace: Namespace, start: int = 0, mm_hashes: MMHashes = ()
+    ) -> int:
         """Store the full chunks of `kv`, which holds tokens [start, start + kv tokens) of `token_ids`.
 
-        Returns at once: chunks go to memory now (copied, so the caller may reuse `kv`) and to
-        lower tiers in the background. Returns how many chunks were new to memory.
+        Chunks are copied, so the caller may reuse `kv`. See `save_chunks`.
         """
-        self._check_kv(kv, namespace, start)
-        keys = chunk_keys(token_ids[: start + kv.shape[2]], namespace, self.chunk_size)
-        first_chunk = start // self.chunk_size
-        keys = keys[first_chunk:]
+        self._check_kv(kv, namespace)
+
+        def chunk_at(index: int) -> torch.Tensor:
+            return kv[:, :, index * self.chunk_size : (index + 1) * self.chunk_size].clone()
+
+        return self.save_chunks(token_ids[: start + kv.shape[2]], namespace, chunk_at, start, mm_hashes)
+
+    def save_chunks(
+        self,
+        token_ids: Sequence[int],
+        namespace: Namespace,
+        chunk_at: Callable[[int], torch.Tensor],
+        start: int = 0,
+        mm_hashes: MMHashes = (),
+    ) -> int:
+        """Store the full chunks of `token_ids` from token `start` (a multiple of chunk_size).
+
+        `chunk_at(i)` returns the i-th of those chunks, (layers, 2, chunk_size, kv_heads, head_dim),
+        as a tensor the shelf keeps (no copy is made); it is called only for chunks the memory tier
+        lacks. Returns at once: chunks go to memory now and to lower tiers in the background.
+        Returns how many chunks were new to memory.
+        """
+        if start % self.chunk_size:
+            raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
+        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes)[start // self.chunk_size :]
         if not keys:
             return 0
-        held = self._stack.memory.get_many(keys)
         items: list[tuple[ChunkKey, torch.Tensor]] = []
         new_items = []
-        for offset, (key, chunk) in enumerate(zip(keys, held)):
-            if chunk is None:
-                begin = offset * self.chunk_size
-                chunk = kv[:, :, begin : begin + self.chunk_size].clone()
-                new_items.append((key, chunk))
-            items.append((key, chunk))
+        for index, (key, held) in enumerate(zip(keys, self._stack.memory.get_many(keys))):
+            if held is None:
+                held = chunk_at(index)
+                self._check_kv(held, namespace, self.chunk_size)
+                new_items.append((key, held))
+            items.append((key, held))
         self._stack.memory.put_many(new_items)
         self.metrics.counters.stored_bytes[self._stack.memory.name] += sum(chunk.nbytes for _, chunk in new_items)
         if self._stack.lower:
             self._writer.submit(lambda: self._stack.write_lower(items, namespace, self.metrics.store_seconds))
         return len(new_items)
 
-    def _check_kv(self, kv: torch.Tensor, namespace: Namespace, start: int) -> None:
+    def _check_kv(self, kv: torch.Tensor, namespace: Namespace, num_tokens: int | None = None) -> None:
         layout = namespace.layout
-        expected = layout.shape(kv.shape[2]) if kv.dim() == 5 else None
+        expected = layout.shape(num_tokens if num_tokens is not None else kv.shape[2] if kv.dim() == 5 else -1)
         if tuple(kv.shape) != expected or kv.dtype != layout.torch_dtype:
             raise ValueError(
-                f"kv must be (layers, 2, tokens, kv_heads, head_dim) = {layout.shape(-1)} of {layout.dtype} "
+                f"kv must be (layers, 2, tokens, kv_heads, head_dim) = {expected} of {layout.dtype} "
                 f"for this namespace, got {tuple(kv.shape)} of {kv.dtype}"
             )
-        if start % self.chunk_size:
-            raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
 
     def _count_dropped_write(self) -> None:
         self.metrics.counters.dropped_writes += 1

@@ -1,0 +1,92 @@
+"""What both halves of the connector derive from vLLM's config: the shelf, the namespace."""
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kvshelf.config import ShelfConfig, load_config
+from kvshelf.keys import Namespace
+from kvshelf.layout import DTYPE_NAMES, KVLayout
+from kvshelf.shelf import Shelf
+
+# extra_config keys that are not kvshelf config keys.
+CONFIG_FILE_KEY = "config_file"
+MODEL_ID_KEY = "model_id"
+
+_shelves: dict[ShelfConfig, Shelf] = {}
+_shelves_lock = threading.Lock()
+
+
+def shared_shelf(config: ShelfConfig) -> Shelf:
+    """One Shelf per configuration and process: the scheduler-side and worker-side connectors of
+    one engine process then see the same memory tier."""
+    with _shelves_lock:
+        if config not in _shelves:
+            _shelves[config] = Shelf(config)
+        return _shelves[config]
+
+
+def shelf_config(extra_config: dict[str, Any]) -> ShelfConfig:
+    """kvshelf's config from `kv_connector_extra_config`: `config_file`, plus any kvshelf key
+    (`chunk_size`, `memory.size` or `memory_size`, `disk.path`, ...) overriding the file and env."""
+    overrides = {key.replace(".", "_"): value for key, value in extra_config.items()
+                 if key not in (CONFIG_FILE_KEY, MODEL_ID_KEY)}
+    return load_config(extra_config.get(CONFIG_FILE_KEY), **overrides)
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """The parts of vLLM's config that decide what a KV tensor means, and how it is paged."""
+
+    base_namespace: Namespace  # per request, the LoRA adapter and cache_salt are filled in
+    block_size: int
+
+
+def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str, Any]) -> EngineFacts:
+    model_config, parallel_config = vllm_config.model_config, vllm_config.parallel_config
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"kvshelf supports models with one KV cache group (full attention in every layer); "
+            f"this model has {len(groups)} (sliding-window or hybrid layers)"
+        )
+    layout = KVLayout(
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=model_config.get_num_kv_heads(parallel_config),
+        head_dim=model_config.get_head_size(),
+        dtype=_kv_dtype_name(vllm_config),
+    )
+    model_id = extra_config.get(MODEL_ID_KEY) or f"{model_config.model}@{model_config.revision or 'local'}"
+    namespace = Namespace(
+        model_id,
+        layout,
+        tp_rank=parallel_config.rank % parallel_config.tensor_parallel_size,
+        tp_size=parallel_config.tensor_parallel_size,
+        # KV from another engine may differ in the last bits; never mix them.
+        extra=(("engine", "vllm"),),
+    )
+    return EngineFacts(namespace, vllm_config.cache_config.block_size)
+
+
+def _kv_dtype_name(vllm_config: Any) -> str:
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype == "auto":
+        return DTYPE_NAMES[vllm_config.model_config.dtype]
+    if cache_dtype in ("fp8", "fp8_e4m3"):
+        return "float8_e4m3fn"
+    if cache_dtype == "fp8_e5m2":
+        return "float8_e5m2"
+    raise ValueError(f"kvshelf cannot store vLLM's kv_cache_dtype {cache_dtype!r}; use auto, fp8 or fp8_e5m2")
+
+
+def request_namespace(base: Namespace, request: Any) -> Namespace:
+    """The namespace of one request: its LoRA adapter and tenant salt change what KV it may share."""
+    lora = request.lora_request
+    lora_id = f"{lora.lora_name}:{lora.lora_path}" if lora is not None else None
+    return dataclasses.replace(base, lora_id=lora_id, cache_salt=request.cache_salt)
+
+
+def mm_hashes(request: Any) -> list[tuple[int, bytes]]:
+    """(token position, content hash) of the request's images, audio and video."""
+    return [(feature.mm_position.offset, feature.identifier.encode()) for feature in request.mm_features]
