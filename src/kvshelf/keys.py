@@ -38,6 +38,14 @@ class Namespace:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"Namespace tp_rank {self.tp_rank} must be in [0, tp_size={self.tp_size})")
 
+    @classmethod
+    def from_description(cls, description: dict) -> "Namespace":
+        """The inverse of `describe`."""
+        fields = dict(description)
+        fields["layout"] = KVLayout(**fields["layout"])
+        fields["extra"] = tuple(sorted(fields["extra"].items()))
+        return cls(**fields)
+
     def describe(self) -> dict:
         """A JSON-able description; its canonical form is what the namespace digest hashes."""
         description = asdict(self)

@@ -1,37 +1,26 @@
 """What both halves of the connector derive from vLLM's config: the shelf, the namespace."""
 
 import dataclasses
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from kvshelf.config import ShelfConfig, load_config
 from kvshelf.keys import Namespace
 from kvshelf.layout import DTYPE_NAMES, KVLayout
-from kvshelf.shelf import Shelf
 
 # extra_config keys that are not kvshelf config keys.
 CONFIG_FILE_KEY = "config_file"
 MODEL_ID_KEY = "model_id"
 
-_shelves: dict[ShelfConfig, Shelf] = {}
-_shelves_lock = threading.Lock()
-
-
-def shared_shelf(config: ShelfConfig) -> Shelf:
-    """One Shelf per configuration and process: the scheduler-side and worker-side connectors of
-    one engine process then see the same memory tier."""
-    with _shelves_lock:
-        if config not in _shelves:
-            _shelves[config] = Shelf(config)
-        return _shelves[config]
-
 
 def shelf_config(extra_config: dict[str, Any]) -> ShelfConfig:
     """kvshelf's config from `kv_connector_extra_config`: `config_file`, plus any kvshelf key
     (`chunk_size`, `memory.size` or `memory_size`, `disk.path`, ...) overriding the file and env."""
-    overrides = {key.replace(".", "_"): value for key, value in extra_config.items()
-                 if key not in (CONFIG_FILE_KEY, MODEL_ID_KEY)}
+    overrides = {
+        key.replace(".", "_"): value
+        for key, value in extra_config.items()
+        if key not in (CONFIG_FILE_KEY, MODEL_ID_KEY)
+    }
     return load_config(extra_config.get(CONFIG_FILE_KEY), **overrides)
 
 
@@ -39,7 +28,7 @@ def shelf_config(extra_config: dict[str, Any]) -> ShelfConfig:
 class EngineFacts:
     """The parts of vLLM's config that decide what a KV tensor means, and how it is paged."""
 
-    base_namespace: Namespace  # per request, the LoRA adapter and cache_salt are filled in
+    base_namespace: Namespace  # per request: LoRA adapter and cache_salt; per worker: tp_rank
     block_size: int
 
 
@@ -61,7 +50,7 @@ def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str,
     namespace = Namespace(
         model_id,
         layout,
-        tp_rank=parallel_config.rank % parallel_config.tensor_parallel_size,
+        tp_rank=0,  # each worker puts in its own rank; the scheduler asks every rank
         tp_size=parallel_config.tensor_parallel_size,
         # KV from another engine may differ in the last bits; never mix them.
         extra=(("engine", "vllm"),),

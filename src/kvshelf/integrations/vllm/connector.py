@@ -1,0 +1,112 @@
+"""KVShelfConnector: kvshelf as a vLLM KV connector (KVConnectorBase_V1).
+
+    --kv-transfer-config '{"kv_connector": "KVShelfConnector",
+                           "kv_connector_module_path": "kvshelf.integrations.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"chunk_size": 256, "disk.path": "/var/cache/kvshelf"}}'
+
+vLLM makes one instance per role: the scheduler's asks how many prompt tokens the shelf holds
+and plans each step; each worker's copies chunks between the shelf and its paged KV cache.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+from vllm.platforms import current_platform
+
+from kvshelf.integrations.vllm.context import engine_facts, shelf_config
+from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, lookup_address
+from kvshelf.integrations.vllm.plan import StepPlan
+from kvshelf.integrations.vllm.scheduler import SchedulerSide
+from kvshelf.integrations.vllm.worker import WorkerSide
+from kvshelf.shelf import Shelf
+
+logger = logging.getLogger(__name__)
+LOOKUP_TIMEOUT_S = 5.0
+
+
+@dataclass
+class KVShelfMetadata(KVConnectorMetadata):
+    plan: StepPlan
+
+
+class KVShelfConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra_config = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        config = shelf_config(extra_config)
+        facts = engine_facts(vllm_config, kv_cache_config, extra_config)
+        if config.chunk_size % facts.block_size:
+            raise ValueError(
+                f"kvshelf chunk_size {config.chunk_size} is not a multiple of vLLM's block_size {facts.block_size}; "
+                f"set chunk_size to a multiple of {facts.block_size} in kv_connector_extra_config"
+            )
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            # A chunk that fails to load is a cache miss: recompute it rather than fail the request.
+            logger.info("kvshelf: setting kv_load_failure_policy to 'recompute'")
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        engine_id = self._kv_transfer_config.engine_id
+        self._scheduler = self._worker = None
+        self._lookup_client = self._lookup_server = None
+        if role == KVConnectorRole.SCHEDULER:
+            tp_size = facts.base_namespace.tp_size
+            self._lookup_client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
+            self._scheduler = SchedulerSide(self._lookup_client.lookup, config.chunk_size, facts)
+        else:
+            tp_rank = get_tensor_model_parallel_rank()
+            shelf = Shelf(config)
+            self._worker = WorkerSide(shelf, facts, tp_rank, keys_then_values_per_block=current_platform.is_cpu())
+            self._lookup_server = LookupServer(shelf, lookup_address(engine_id, tp_rank))
+
+    # ---- scheduler side ----
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._scheduler.after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return KVShelfMetadata(self._scheduler.plan_step(scheduler_output))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saving happened when the prefill finished; nothing holds the blocks now.
+        self._scheduler.finished(request)
+        return False, None
+
+    # ---- worker side ----
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        metadata = self._get_connector_metadata()
+        self._worker.load(metadata.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads finish in start_load_kv, before the forward pass."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Saving reads all layers at once in wait_for_save, after the forward pass wrote them."""
+
+    def wait_for_save(self) -> None:
+        self._worker.save(self._get_connector_metadata().plan)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_failed_block_ids()
+
+    def shutdown(self) -> None:
+        """Finish queued disk writes and close the lookup channel."""
+        if self._lookup_server is not None:
+            self._lookup_server.close()
+            self._worker.shelf.close()
+        if self._lookup_client is not None:
+            self._lookup_client.close()

@@ -1,0 +1,99 @@
+"""The scheduler half: how many prompt tokens the shelf can supply, and when to load and save.
+
+A request's prompt is looked up once, when vLLM first asks. Loads are synchronous: they run
+before the step's forward pass. The prompt's full chunks are saved in the step that finishes
+its prefill, from the blocks vLLM just wrote (chunks already stored are skipped).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvshelf.integrations.vllm.context import EngineFacts, mm_hashes, request_namespace
+from kvshelf.integrations.vllm.plan import StepPlan, Transfer
+from kvshelf.keys import MMHashes, Namespace
+
+Lookup = Callable[[Sequence[int], Namespace, MMHashes], int]
+
+
+@dataclass(slots=True)
+class RequestState:
+    prompt_ids: list[int]
+    namespace: Namespace
+    mm_hashes: MMHashes
+    stored_tokens: int  # leading prompt tokens the shelf held at lookup
+    block_ids: list[int] = field(default_factory=list)
+    local_tokens: int = 0  # leading prompt tokens in vLLM's own prefix cache, at the last ask
+    load: tuple[int, int] | None = None  # tokens [start, end) to load in the next step
+
+
+class SchedulerSide:
+    def __init__(self, lookup: Lookup, chunk_size: int, facts: EngineFacts) -> None:
+        self.lookup = lookup
+        self.chunk_size = chunk_size
+        self.facts = facts
+        self.requests: dict[str, RequestState] = {}
+
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+        """Prompt tokens beyond vLLM's own `num_computed_tokens` that the shelf can supply."""
+        prompt_ids = list(request.prompt_token_ids or ())
+        state = self.requests.get(request.request_id)
+        if state is None or state.prompt_ids != prompt_ids:
+            namespace = request_namespace(self.facts.base_namespace, request)
+            hashes = mm_hashes(request)
+            stored = self.lookup(prompt_ids, namespace, hashes) if prompt_ids else 0
+            state = RequestState(prompt_ids, namespace, hashes, stored)
+            self.requests[request.request_id] = state
+        state.local_tokens = num_computed_tokens
+        # Never claim the last prompt token: vLLM must compute it to sample the first output.
+        chunk_size = self.chunk_size
+        usable = min(state.stored_tokens, (len(prompt_ids) - 1) // chunk_size * chunk_size)
+        return max(usable - num_computed_tokens, 0)
+
+    def after_alloc(self, request: Any, num_external_tokens: int) -> None:
+        state = self.requests.get(request.request_id)
+        if state is not None and num_external_tokens > 0:
+            state.load = (state.local_tokens, state.local_tokens + num_external_tokens)
+
+    def plan_step(self, scheduler_output: Any) -> StepPlan:
+        plan = StepPlan()
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self.requests.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+                self._plan_request(plan, new.req_id, state, new.num_computed_tokens, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for index, request_id in enumerate(cached.req_ids):
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            new_block_ids = cached.new_block_ids[index]
+            if request_id in cached.resumed_req_ids:  # after preemption: all its blocks are new
+                state.block_ids = list(new_block_ids[0])
+            elif new_block_ids is not None:
+                state.block_ids.extend(new_block_ids[0])
+            self._plan_request(plan, request_id, state, cached.num_computed_tokens[index], scheduler_output)
+        return plan
+
+    def _plan_request(
+        self, plan: StepPlan, request_id: str, state: RequestState, num_computed: int, scheduler_output: Any
+    ) -> None:
+        if state.load is not None:
+            start, end = state.load
+            plan.loads.append(self._transfer(request_id, state, start, end))
+            state.load = None
+        num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
+        prompt_tokens = len(state.prompt_ids)
+        if num_computed < prompt_tokens <= num_computed + num_scheduled:  # this step finishes the prefill
+            full_tokens = prompt_tokens // self.chunk_size * self.chunk_size
+            if full_tokens > state.stored_tokens:
+                plan.saves.append(self._transfer(request_id, state, state.stored_tokens, full_tokens))
+
+    @staticmethod
+    def _transfer(request_id: str, state: RequestState, start: int, end: int) -> Transfer:
+        return Transfer(
+            request_id, state.prompt_ids[:end], state.namespace, state.mm_hashes, state.block_ids, start, end
+        )
+
+    def finished(self, request: Any) -> None:
+        self.requests.pop(request.request_id, None)

@@ -1,0 +1,111 @@
+"""kvshelf inside real vLLM (CPU, float32, bundled model): hits give the tokens vLLM gives alone.
+
+Each engine runs in its own process (vllm_runner.py); one module-wide scenario drives three:
+a reference engine without kvshelf, engine A with kvshelf, then engine B, a fresh process
+sharing only A's disk tier (A's memory tier is gone with A).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvshelf.keys import chunk_keys
+from kvshelf.tiers.disk import chunk_path
+
+CHUNK_SIZE = 128  # = vLLM's CPU block size, keeps prompts short
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+
+
+def run_engine(extra_config: dict | None, requests: list[dict]) -> list[dict]:
+    job = json.dumps({"extra_config": extra_config, "requests": requests})
+    done = subprocess.run([sys.executable, str(RUNNER), job], capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="module")
+def prompts(corpus_ids):
+    document = corpus_ids[:300]  # 2 full chunks and a tail
+    return {
+        "doc": document,
+        "doc_other_tail": document[:200] + corpus_ids[5000:5100],  # shares chunk 0 only
+        "exact": corpus_ids[1000 : 1000 + 3 * CHUNK_SIZE],  # an exact multiple of chunk_size
+        "damaged": corpus_ids[2000:2300],
+        "salted": corpus_ids[3000:3300],
+    }
+
+
+@pytest.fixture(scope="module")
+def scenario(prompts, tmp_path_factory):
+    disk_path = tmp_path_factory.mktemp("vllm-disk")
+    extra_config = {"chunk_size": CHUNK_SIZE, "disk.path": str(disk_path), "model_id": "smollm2-test"}
+    plain = [{"prompt_token_ids": ids} for ids in prompts.values()]
+    reference = dict(zip(prompts, run_engine(None, plain)))
+    engine_a = run_engine(extra_config, [
+        {"prompt_token_ids": prompts["doc"]},
+        {"prompt_token_ids": prompts["doc"]},
+        {"prompt_token_ids": prompts["doc_other_tail"]},
+        {"prompt_token_ids": prompts["exact"]},
+        {"prompt_token_ids": prompts["exact"]},
+        {"prompt_token_ids": prompts["damaged"]},
+        {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-a"},
+        {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-b"},
+        {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-a"},
+    ])
+    damaged_files = [path for path in disk_path.rglob("*.kvs")
+                     if path.stem in {key.hex for key in _keys_of(prompts["damaged"], disk_path)}]
+    for path in damaged_files:
+        data = bytearray(path.read_bytes())
+        data[-50] ^= 0xFF
+        path.write_bytes(data)
+    engine_b = run_engine(extra_config, [{"prompt_token_ids": prompts["doc"]},
+                                         {"prompt_token_ids": prompts["damaged"]}])
+    return {"reference": reference, "a": engine_a, "b": engine_b, "damaged_files": damaged_files}
+
+
+def _keys_of(token_ids: list[int], disk_path: Path):
+    """Chunk keys of a prompt under the namespace engine A wrote (read from its namespace.json)."""
+    from kvshelf.keys import Namespace
+
+    (description,) = [json.loads(p.read_text()) for p in disk_path.glob("*/namespace.json")
+                      if json.loads(p.read_text())["cache_salt"] is None]
+    return chunk_keys(token_ids, Namespace.from_description(description), CHUNK_SIZE)
+
+
+def test_same_prompt_twice_loads_the_prefix_and_matches_vllm_alone(scenario):
+    first, second = scenario["a"][0], scenario["a"][1]
+    assert first["num_cached_tokens"] == 0
+    assert second["num_cached_tokens"] == 2 * CHUNK_SIZE
+    assert first["output_ids"] == second["output_ids"] == scenario["reference"]["doc"]["output_ids"]
+
+
+def test_partial_prefix(scenario):
+    assert scenario["a"][2]["num_cached_tokens"] == CHUNK_SIZE
+    assert scenario["a"][2]["output_ids"] == scenario["reference"]["doc_other_tail"]["output_ids"]
+
+
+def test_exact_multiple_of_chunk_size_recomputes_the_last_chunk(scenario):
+    assert scenario["a"][4]["num_cached_tokens"] == 2 * CHUNK_SIZE
+    assert scenario["a"][4]["output_ids"] == scenario["reference"]["exact"]["output_ids"]
+
+
+def test_cache_salt_keeps_tenants_apart(scenario):
+    tenant_a, tenant_b, tenant_a_again = scenario["a"][6:9]
+    assert tenant_b["num_cached_tokens"] == 0
+    assert tenant_a_again["num_cached_tokens"] == 2 * CHUNK_SIZE
+    assert tenant_a_again["output_ids"] == tenant_b["output_ids"] == scenario["reference"]["salted"]["output_ids"]
+
+
+def test_second_engine_process_hits_the_shared_disk_tier(scenario):
+    assert scenario["b"][0]["num_cached_tokens"] == 2 * CHUNK_SIZE
+    assert scenario["b"][0]["output_ids"] == scenario["reference"]["doc"]["output_ids"]
+
+
+def test_damaged_stored_chunk_is_recomputed_not_used(scenario):
+    assert len(scenario["damaged_files"]) == 2
+    assert scenario["b"][1]["output_ids"] == scenario["reference"]["damaged"]["output_ids"]
+    assert not any(path.exists() for path in scenario["damaged_files"])  # dropped as corrupt
