@@ -28,6 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     long_doc.add_argument("--out", default="out/long-doc-qa")
     long_doc.set_defaults(handler=run_long_doc_qa)
 
+    serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
+    serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--config", help="kvshelf YAML config file")
+    serve.add_argument("--disk-path", help="disk tier directory (default: $KVSHELF_HOME/disk)")
+    serve.add_argument("--memory-size", help="memory tier budget, e.g. 2GiB")
+    serve.add_argument("--chunk-size", type=int, help="tokens per chunk (a multiple of vLLM's block size)")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` arguments")
+    serve.set_defaults(handler=run_serve)
+
     inspect = commands.add_parser("inspect", help="what a disk store holds: chunks, bytes, namespaces, damaged files")
     inspect.add_argument("path", type=Path, help="the disk tier's directory (disk.path)")
     inspect.add_argument("--no-verify", action="store_true", help="skip reading and checking every chunk")
@@ -73,6 +84,15 @@ def _long_doc_qa(spec) -> int:
     print(long_doc_qa_table(summary))
     print(f"\nwrote {out / 'summary.json'} and {out / 'long-doc-qa.png'}")
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvshelf.serve import connector_extra_config, exec_vllm, vllm_serve_argv
+
+    extra_config = connector_extra_config(args.config, args.disk_path, args.memory_size, args.chunk_size)
+    vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    exec_vllm(vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args))
+    return 0  # not reached
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from kvshelf.integrations.vllm.context import engine_facts, shelf_config
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
 from kvshelf.integrations.vllm.scheduler import SchedulerSide
+from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.shelf import Shelf
 
@@ -102,6 +103,22 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_block_ids()
+
+    def get_kv_connector_stats(self) -> KVShelfStats | None:
+        if self._worker is None:
+            return None
+        stats = KVShelfStats(self._worker.counters_since_last_report())
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVShelfStats:
+        return KVShelfStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: Any, metric_types: dict, labelnames: list[str], per_engine_labelvalues: dict
+    ) -> KVShelfPromMetrics:
+        return KVShelfPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         """Finish queued disk writes and close the lookup channel."""

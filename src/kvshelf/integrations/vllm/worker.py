@@ -12,6 +12,7 @@ import torch
 from kvshelf.integrations.vllm.context import EngineFacts
 from kvshelf.integrations.vllm.paged import PagedKV, block_view
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
+from kvshelf.integrations.vllm.stats import flat_counters
 from kvshelf.keys import Namespace
 from kvshelf.shelf import Shelf
 
@@ -27,6 +28,8 @@ class WorkerSide:
         self._keys_then_values_per_block = keys_then_values_per_block
         self.paged: PagedKV | None = None
         self.failed_block_ids: set[int] = set()
+        self.num_load_failed_tokens = 0
+        self._reported: dict[str, int] = {}
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Layer caches in model order, as vLLM registers them."""
@@ -60,6 +63,7 @@ class WorkerSide:
                 transfer.end - loaded_end,
             )
             self.failed_block_ids.update(failed)
+            self.num_load_failed_tokens += transfer.end - loaded_end
 
     def save(self, plan: StepPlan) -> None:
         chunk_blocks = self.shelf.chunk_size // self.block_size
@@ -75,6 +79,12 @@ class WorkerSide:
 
     def _namespace(self, transfer: Transfer) -> Namespace:
         return dataclasses.replace(transfer.namespace, tp_rank=self.tp_rank)
+
+    def counters_since_last_report(self) -> dict[str, int]:
+        current = flat_counters(self.shelf, self.num_load_failed_tokens)
+        increments = {name: value - self._reported.get(name, 0) for name, value in current.items()}
+        self._reported = current
+        return increments
 
     def take_failed_block_ids(self) -> set[int]:
         failed, self.failed_block_ids = self.failed_block_ids, set()

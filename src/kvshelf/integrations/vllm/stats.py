@@ -1,0 +1,88 @@
+"""kvshelf's counters in vLLM's own stats: the periodic log line and its Prometheus `/metrics`.
+
+Each worker reports what changed since its last report; vLLM sums the workers' reports and
+hands them to KVShelfPromMetrics, which adds them to counters named `vllm:kvshelf_*`.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+from kvshelf.shelf import Shelf
+
+# What each counter means; tier-specific ones are reported per tier ("disk_loaded_bytes").
+DESCRIPTIONS = {
+    "lookup_tokens": "Prompt tokens kvshelf was asked about",
+    "hit_tokens": "Prompt tokens kvshelf could supply",
+    "load_failed_tokens": "Tokens promised but not loadable (recomputed by vLLM)",
+    "dropped_writes": "Chunk writes dropped (writer queue full or tier down)",
+    "loaded_bytes": "Bytes of KV read from a tier",
+    "stored_bytes": "Bytes written to a tier",
+    "evictions": "Chunks evicted from a tier",
+    "corrupt_chunks": "Stored chunks that failed verification",
+    "errors": "Failed tier operations",
+}
+
+
+def flat_counters(shelf: Shelf, load_failed_tokens: int) -> dict[str, int]:
+    """The shelf's cumulative counters, one flat name each."""
+    stats = shelf.stats()
+    flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes")}
+    flat["load_failed_tokens"] = load_failed_tokens
+    for tier_name, tier_stats in stats["tiers"].items():
+        for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "errors"):
+            flat[f"{tier_name}_{name}"] = tier_stats[name]
+    return flat
+
+
+def description(name: str) -> str:
+    tier, _, stat = name.partition("_")
+    return DESCRIPTIONS.get(name) or f"{DESCRIPTIONS[stat]} ({tier})"
+
+
+@dataclass
+class KVShelfStats(KVConnectorStats):
+    """Counter increments since the last report (data: name -> increment)."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {name: value for name, value in self.data.items() if value}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class KVShelfPromMetrics(KVConnectorPromMetrics):
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters: dict[str, dict[int, Counter]] = {}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, increment in transfer_stats_data.items():
+            if increment:
+                self._counter(name, engine_idx).inc(increment)
+
+    def _counter(self, name: str, engine_idx: int) -> Counter:
+        if name not in self._counters:
+            counter = self._counter_cls(
+                name=f"vllm:kvshelf_{name}", documentation=description(name), labelnames=self._labelnames
+            )
+            self._counters[name] = {
+                engine: counter.labels(*values) for engine, values in self.per_engine_labelvalues.items()
+            }
+        return self._counters[name][engine_idx]

