@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvshelf", description="A KV-cache layer for LLM inference engines.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="long-document QA on the bundled model: cold vs warm vs after restart")
+    demo = commands.add_parser("demo", help="vLLM + kvshelf on long documents: cold vs warm vs after a restart")
+    demo.add_argument("--num-docs", type=int, default=2)
+    demo.add_argument("--doc-tokens", type=int, default=2048)
     demo.add_argument("--out", default="out/demo", help="where to write summary.json, the plot and the disk tier")
     demo.set_defaults(handler=run_demo)
 
@@ -27,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     long_doc.add_argument("--max-new-tokens", type=int, default=8)
     long_doc.add_argument("--out", default="out/long-doc-qa")
     long_doc.set_defaults(handler=run_long_doc_qa)
+    compare = benches.add_parser("compare", help="serving workloads on vLLM alone, with ExampleConnector, with kvshelf")
+    compare.add_argument("--users", type=int, default=4)
+    compare.add_argument("--rounds", type=int, default=4)
+    compare.add_argument("--system-prompt-tokens", type=int, default=512)
+    compare.add_argument("--user-context-tokens", type=int, default=1536)
+    compare.add_argument("--answer-tokens", type=int, default=24)
+    compare.add_argument("--num-docs", type=int, default=3)
+    compare.add_argument("--doc-tokens", type=int, default=4000)
+    compare.add_argument("--kv-cache-tokens", type=int, default=4608, help="vLLM's own KV space per server, in tokens")
+    compare.add_argument("--out", default="out/compare")
+    compare.set_defaults(handler=run_compare)
 
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
@@ -55,10 +68,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from kvshelf.bench.long_doc_qa import LongDocQA
+    from kvshelf.bench.demo import PHASES, demo_table
+    from kvshelf.bench.demo import run_demo as demo
+    from kvshelf.bench.report import plot_ttft
 
-    spec = LongDocQA(num_docs=2, doc_tokens=1024, num_questions=2, max_new_tokens=8, work_dir=args.out)
-    return _long_doc_qa(spec)
+    out = Path(args.out)
+    summary = demo(
+        out,
+        args.num_docs,
+        args.doc_tokens,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_ttft(PHASES, summary["ttft_s"], f"vLLM + kvshelf, {args.doc_tokens}-token documents", out / "demo.png")
+    print(demo_table(summary))
+    print(f"\nwrote {out / 'summary.json'} and {out / 'demo.png'}")
+    return 0
 
 
 def run_long_doc_qa(args: argparse.Namespace) -> int:
@@ -93,6 +118,32 @@ def run_serve(args: argparse.Namespace) -> int:
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     exec_vllm(vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args))
     return 0  # not reached
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from kvshelf.bench.compare import run_compare as compare
+    from kvshelf.bench.report import compare_table, plot_compare
+    from kvshelf.bench.serving import LongDocServing, MultiRoundQA
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    multi_round = MultiRoundQA(
+        args.users, args.rounds, args.system_prompt_tokens, args.user_context_tokens, args.answer_tokens
+    )
+    summary = compare(
+        out,
+        multi_round,
+        LongDocServing(args.num_docs, args.doc_tokens),
+        args.kv_cache_tokens,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_compare(summary, out / "compare.png")
+    print(json.dumps({"kv_cache_tokens": summary["kv_cache_tokens"], "ratios": summary["ratios"]}, indent=2))
+    print()
+    print(compare_table(summary))
+    print(f"\nwrote {out / 'summary.json'} and {out / 'compare.png'}")
+    return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -69,3 +69,57 @@ def plot_long_doc_qa(summary: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def compare_table(summary: dict) -> str:
+    lines = [
+        f"{'set-up':<24}{'MRQA mean TTFT':>16}{'speedup':>9}{'req/s':>8}{'x vLLM':>8}"
+        f"{'4K cold TTFT':>14}{'4K warm TTFT':>14}{'warm/cold':>11}",
+    ]
+    for name, setup in summary["setups"].items():
+        rounds, docs, ratio = setup["multi_round_qa"], setup["long_doc_qa"], summary["ratios"][name]
+        lines.append(
+            f"{name:<24}{rounds['mean_ttft_s'] * 1000:>13.0f} ms{ratio['mean_ttft_speedup']:>8.1f}x"
+            f"{rounds['requests_per_s']:>8.2f}{ratio['throughput_ratio']:>7.1f}x"
+            f"{docs['cold_ttft_s'] * 1000:>11.0f} ms{docs['warm_ttft_s'] * 1000:>11.0f} ms"
+            f"{ratio['long_doc_warm_vs_cold']:>10.1f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot_compare(summary: dict, path: Path) -> None:
+    names = list(summary["setups"])
+    setups = [summary["setups"][name] for name in names]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [
+        ("multi-round QA: mean TTFT (ms)", [s["multi_round_qa"]["mean_ttft_s"] * 1000 for s in setups]),
+        ("multi-round QA: requests/s", [s["multi_round_qa"]["requests_per_s"] for s in setups]),
+        ("long-doc QA: warm TTFT (ms)", [s["long_doc_qa"]["warm_ttft_s"] * 1000 for s in setups]),
+    ]
+    for axis, (title, values) in zip(axes, panels):
+        bars = axis.bar(names, values, color=["grey", "silver", "tab:green", "tab:orange"][: len(names)])
+        axis.bar_label(bars, labels=[f"{value:.2f}" if value < 10 else f"{value:.0f}" for value in values])
+        axis.set_title(title)
+        axis.tick_params(axis="x", labelrotation=15)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_ttft(labels: dict[str, str], ttft_s: dict[str, float], title: str, path: Path) -> None:
+    """One horizontal bar of mean TTFT per phase, log scale."""
+    ttft_ms = [ttft_s[phase] * 1000 for phase in labels]
+    figure, axis = plt.subplots(figsize=(8, 3))
+    bars = axis.barh(list(labels.values()), ttft_ms, color=["grey", "tab:green", "tab:blue", "silver"][: len(labels)])
+    axis.bar_label(bars, labels=[f"{ms:.0f} ms" for ms in ttft_ms], padding=3)
+    axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_xlim(right=max(ttft_ms) * 4)
+    axis.set_xlabel("mean TTFT (ms, log scale)")
+    axis.invert_yaxis()
+    axis.set_title(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

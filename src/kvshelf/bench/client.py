@@ -1,0 +1,80 @@
+"""A streaming client for any OpenAI-compatible server: TTFT, inter-token latency, throughput."""
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    ttft_s: float
+    latency_s: float
+    token_gaps_s: list[float] = field(repr=False)  # between consecutive streamed chunks
+    num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None
+
+    @property
+    def mean_itl_s(self) -> float | None:
+        return sum(self.token_gaps_s) / len(self.token_gaps_s) if self.token_gaps_s else None
+
+
+class CompletionClient:
+    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0) -> None:
+        self.model = model
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+
+    def complete(self, prompt: str, max_tokens: int) -> Completion:
+        """Stream one greedy completion of `prompt`."""
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        started_s = time.perf_counter()
+        chunk_times_s: list[float] = []
+        pieces: list[str] = []
+        usage: dict = {}
+        with self._http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"server answered {response.status_code}: {response.read().decode()[:500]}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                usage = event.get("usage") or usage
+                text = "".join(choice.get("text", "") for choice in event.get("choices", []))
+                if text:
+                    chunk_times_s.append(time.perf_counter())
+                    pieces.append(text)
+        if not chunk_times_s:
+            raise RuntimeError("the server streamed no text")
+        details = usage.get("prompt_tokens_details") or {}
+        return Completion(
+            text="".join(pieces),
+            ttft_s=chunk_times_s[0] - started_s,
+            latency_s=chunk_times_s[-1] - started_s,
+            token_gaps_s=[later - earlier for earlier, later in zip(chunk_times_s, chunk_times_s[1:])],
+            num_prompt_tokens=usage.get("prompt_tokens"),
+            num_cached_tokens=details.get("cached_tokens"),
+        )
+
+    def wait_ready(self, timeout_s: float, is_alive=lambda: True) -> None:
+        """Wait until the server lists its models; `is_alive` lets a caller stop early if it died."""
+        deadline_s = time.monotonic() + timeout_s
+        while time.monotonic() < deadline_s and is_alive():
+            try:
+                if self._http.get("/v1/models", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"server at {self._http.base_url} did not become ready")
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,126 @@
+"""`kvshelf bench compare`: the same serving workloads against several vLLM set-ups, one run.
+
+Every set-up gets the same small KV space (`--num-gpu-blocks-override`; VLLM_CPU_KVCACHE_SPACE
+only takes whole GiB), smaller than the workloads' working set, so vLLM's own prefix cache
+must evict; what a set-up keeps outside vLLM decides its hits. Servers start one after
+another on a free loopback port.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvshelf.bench.client import CompletionClient
+from kvshelf.bench.serving import LongDocServing, MultiRoundQA, Texts, run_long_doc, run_multi_round, summarize
+from kvshelf.models import bundled_model_dir
+from kvshelf.serve import connector_extra_config, vllm_serve_argv
+
+SERVED_MODEL = "smollm2"
+START_TIMEOUT_S = 600.0
+CPU_BLOCK_SIZE = 128  # vLLM's default on the CPU backend
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    argv: list[str]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def engine_args(max_model_len: int, kv_cache_tokens: int) -> list[str]:
+    """The same engine for every set-up: prefix caching on, a KV space of `kv_cache_tokens`."""
+    num_blocks = str(kv_cache_tokens // CPU_BLOCK_SIZE)
+    return ["--max-model-len", str(max_model_len), "--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
+
+
+def vllm_argv(port: int, engine: list[str], transfer_config: dict | None) -> list[str]:
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundled_model_dir())]
+    model = ["--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager"]
+    argv = server + model + ["--host", "127.0.0.1", "--port", str(port), *engine]
+    return argv + (["--kv-transfer-config", json.dumps(transfer_config)] if transfer_config else [])
+
+
+def server_specs(work_dir: Path, engine: list[str]) -> list[ServerSpec]:
+    example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"shared_storage_path": str(work_dir / "example-connector")}}
+    kvshelf_extra = connector_extra_config(None, str(work_dir / "kvshelf-disk"), "2GiB", None)
+    return [
+        ServerSpec("vllm", vllm_argv(free_port(), engine, None)),
+        ServerSpec("vllm+ExampleConnector", vllm_argv(free_port(), engine, example)),
+        ServerSpec("vllm+kvshelf", vllm_serve_argv(None, "127.0.0.1", free_port(), kvshelf_extra, engine)),
+    ]
+
+
+def port_of(argv: list[str]) -> int:
+    return int(argv[argv.index("--port") + 1])
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL)
+    try:
+        client.wait_ready(START_TIMEOUT_S, is_alive=lambda: server.poll() is None)
+        yield client
+    finally:
+        client.close()
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def run_compare(
+    out_dir: Path, multi_round: MultiRoundQA, long_doc: LongDocServing, kv_cache_tokens: int, progress=print
+) -> dict:
+    from transformers import AutoTokenizer
+
+    texts = Texts(AutoTokenizer.from_pretrained(bundled_model_dir()))
+    # Room for the longest prompt: a document, or a user's last round (~40 tokens per question).
+    last_round_tokens = multi_round.system_prompt_tokens + multi_round.user_context_tokens
+    last_round_tokens += multi_round.num_rounds * (multi_round.answer_tokens + 40)
+    max_model_len = max(long_doc.doc_tokens, last_round_tokens) + 256
+    results = {}
+    with tempfile.TemporaryDirectory(dir=out_dir if out_dir.exists() else None) as scratch:
+        for spec in server_specs(Path(scratch), engine_args(max_model_len, kv_cache_tokens)):
+            progress(f"{spec.name}: starting the server")
+            with running(spec, out_dir / "logs" / f"{spec.name}.log") as client:
+                progress(f"{spec.name}: long-doc-qa")
+                records = run_long_doc(client, texts, long_doc)
+                progress(f"{spec.name}: multi-round-qa")
+                rounds, wall_s = run_multi_round(client, texts, multi_round)
+            results[spec.name] = summarize(records + rounds, wall_s, multi_round, long_doc) | {
+                "records": records + rounds
+            }
+    return {"kv_cache_tokens": kv_cache_tokens, "setups": results, "ratios": ratios(results)}
+
+
+def ratios(results: dict) -> dict:
+    """Each set-up against vLLM alone: TTFT (higher = faster), throughput, and its own warm vs cold."""
+    base = results["vllm"]
+    table = {}
+    for name, summary in results.items():
+        rounds, docs = summary["multi_round_qa"], summary["long_doc_qa"]
+        table[name] = {
+            "mean_ttft_speedup": base["multi_round_qa"]["mean_ttft_s"] / rounds["mean_ttft_s"],
+            "throughput_ratio": rounds["requests_per_s"] / base["multi_round_qa"]["requests_per_s"],
+            "long_doc_warm_vs_cold": docs["cold_ttft_s"] / docs["warm_ttft_s"],
+        }
+    return table
