@@ -55,3 +55,8 @@ def test_inspect_without_verify_does_not_read_chunks(store, capsys):
 def test_inspect_of_a_missing_directory_says_what_to_give(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     assert "disk.path" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_bad_config_before_starting_vllm(capsys):
+    assert main(["serve", "--memory-size", "lots"]) == 2
+    assert "memory.size must be a size like" in capsys.readouterr().err

@@ -109,3 +109,10 @@ def test_damaged_stored_chunk_is_recomputed_not_used(scenario):
     assert len(scenario["damaged_files"]) == 2
     assert scenario["b"][1]["output_ids"] == scenario["reference"]["damaged"]["output_ids"]
     assert not any(path.exists() for path in scenario["damaged_files"])  # dropped as corrupt
+
+
+def test_chunk_size_not_a_multiple_of_the_block_size_stops_the_engine_with_the_fix(tmp_path):
+    job = json.dumps({"extra_config": {"chunk_size": 100, "disk.path": str(tmp_path)}, "requests": []})
+    done = subprocess.run([sys.executable, str(RUNNER), job], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "chunk_size 100 is not a multiple of vLLM's block_size 128" in done.stderr

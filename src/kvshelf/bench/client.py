@@ -22,8 +22,10 @@ class Completion:
 
 
 class CompletionClient:
-    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, base_url: str, model: str, timeout_s: float = 600.0, extra_body: dict | None = None) -> None:
+        """`extra_body`: server-specific fields, e.g. vLLM's {"ignore_eos": True} for fixed-length answers."""
         self.model = model
+        self._extra_body = extra_body or {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
 
     def complete(self, prompt: str, max_tokens: int) -> Completion:
@@ -48,12 +50,11 @@ class CompletionClient:
                     continue
                 event = json.loads(line.removeprefix("data: "))
                 usage = event.get("usage") or usage
-                text = "".join(choice.get("text", "") for choice in event.get("choices", []))
-                if text:
+                if event.get("choices"):  # one event per generated token (its text may be empty: EOS)
                     chunk_times_s.append(time.perf_counter())
-                    pieces.append(text)
+                    pieces.extend(choice.get("text", "") for choice in event["choices"])
         if not chunk_times_s:
-            raise RuntimeError("the server streamed no text")
+            raise RuntimeError("the server streamed no tokens")
         details = usage.get("prompt_tokens_details") or {}
         return Completion(
             text="".join(pieces),

@@ -73,7 +73,8 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         server = subprocess.Popen(spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL)
+    # Fixed-length answers, so every set-up decodes the same number of tokens.
+    client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL, extra_body={"ignore_eos": True})
     try:
         client.wait_ready(START_TIMEOUT_S, is_alive=lambda: server.poll() is None)
         yield client
