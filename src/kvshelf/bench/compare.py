@@ -41,9 +41,11 @@ def free_port() -> int:
 
 
 def engine_args(max_model_len: int, kv_cache_tokens: int) -> list[str]:
-    """The same engine for every set-up: prefix caching on, a KV space of `kv_cache_tokens`."""
+    """The same engine for every set-up: prefix caching on, a KV space of `kv_cache_tokens`, and
+    whole-prompt prefill steps (ExampleConnector saves only a chunked prefill's first step)."""
     num_blocks = str(kv_cache_tokens // CPU_BLOCK_SIZE)
-    return ["--max-model-len", str(max_model_len), "--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
+    limits = ["--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]
+    return limits + ["--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
 
 
 def vllm_argv(port: int, engine: list[str], transfer_config: dict | None) -> list[str]:
