@@ -59,9 +59,9 @@ def lmcache_spec(python: str, engine: list[str]) -> ServerSpec:
     """vLLM with LMCache (LMCacheMPConnector), both from the environment of `python`: lmcache
     pins numpy, protobuf and grpcio to versions that kvshelf's environment does not have."""
     store_port, http_port = free_port(), free_port()
-    sidecar = [python, "-m", "lmcache.v1.multiprocess.http_server", "--chunk-size", "256", "--l1-size-gb", "2",
-               "--supported-transfer-mode", "auto", "--host", "127.0.0.1", "--port", str(store_port),
-               "--http-host", "127.0.0.1", "--http-port", str(http_port)]
+    store = ["--chunk-size", "256", "--l1-size-gb", "2", "--eviction-policy", "LRU", "--supported-transfer-mode", "auto"]
+    ports = ["--host", "127.0.0.1", "--port", str(store_port), "--http-host", "127.0.0.1", "--http-port", str(http_port)]
+    sidecar = [python, "-m", "lmcache.v1.multiprocess.http_server", *store, *ports]
     transfer = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
                 "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": store_port}}
     argv = vllm_argv(free_port(), engine, transfer)
@@ -94,7 +94,8 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
     # Fixed-length answers, so every set-up decodes the same number of tokens.
     client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL, extra_body={"ignore_eos": True})
     try:
-        client.wait_ready(START_TIMEOUT_S, is_alive=lambda: server.poll() is None)
+        processes = [process for process in (server, sidecar) if process]
+        client.wait_ready(START_TIMEOUT_S, is_alive=lambda: all(process.poll() is None for process in processes))
         yield client
     finally:
         client.close()
