@@ -59,8 +59,10 @@ def lmcache_spec(python: str, engine: list[str]) -> ServerSpec:
     """vLLM with LMCache (LMCacheMPConnector), both from the environment of `python`: lmcache
     pins numpy, protobuf and grpcio to versions that kvshelf's environment does not have."""
     store_port, http_port = free_port(), free_port()
-    store = ["--chunk-size", "256", "--l1-size-gb", "2", "--eviction-policy", "LRU", "--supported-transfer-mode", "auto"]
-    ports = ["--host", "127.0.0.1", "--port", str(store_port), "--http-host", "127.0.0.1", "--http-port", str(http_port)]
+    store = ["--chunk-size", "256", "--l1-size-gb", "2", "--eviction-policy", "LRU"]
+    store += ["--supported-transfer-mode", "auto"]
+    ports = ["--host", "127.0.0.1", "--port", str(store_port)]
+    ports += ["--http-host", "127.0.0.1", "--http-port", str(http_port)]
     sidecar = [python, "-m", "lmcache.v1.multiprocess.http_server", *store, *ports]
     transfer = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
                 "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": store_port}}
