@@ -13,16 +13,25 @@ from kvshelf.integrations.vllm.context import shelf_config
 from kvshelf.models import bundled_model_dir, default_home
 
 DEFAULT_KV_CACHE_SPACE_GIB = "2"
+# vLLM's block size on the CPU: a hit then reaches to the last whole block of the prompt, as
+# vLLM's own prefix cache does, instead of to the last whole 256-token chunk.
+DEFAULT_CHUNK_SIZE = 128
 
 
 def connector_extra_config(
     config_file: str | None, disk_path: str | None, memory_size: str | None, chunk_size: int | None
 ) -> dict:
-    """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts."""
+    """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts.
+
+    Without a config file, the defaults are a memory tier and a disk tier under KVSHELF_HOME, and
+    128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise).
+    """
     extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size}
     extra = {key: value for key, value in extra.items() if value is not None}
-    if config_file is None and disk_path is None:
-        extra["disk.path"] = str(default_home() / "disk")  # memory + disk tiers by default
+    if config_file is None:
+        extra.setdefault("disk.path", str(default_home() / "disk"))
+        if "KVSHELF_CHUNK_SIZE" not in os.environ:
+            extra.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
     shelf_config(extra)
     return extra
 

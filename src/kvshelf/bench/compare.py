@@ -45,7 +45,8 @@ def engine_args(max_model_len: int, kv_cache_tokens: int) -> list[str]:
     whole-prompt prefill steps (ExampleConnector saves only a chunked prefill's first step)."""
     num_blocks = str(kv_cache_tokens // CPU_BLOCK_SIZE)
     limits = ["--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]
-    return limits + ["--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
+    report = ["--enable-prompt-tokens-details"]  # cached prompt tokens in each response's usage
+    return limits + report + ["--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
 
 
 def vllm_argv(port: int, engine: list[str], transfer_config: dict | None) -> list[str]:
