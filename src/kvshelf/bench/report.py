@@ -102,7 +102,7 @@ def plot_compare(summary: dict, path: Path) -> None:
         ("long-doc QA: warm TTFT (ms)", [s["long_doc_qa"]["warm_ttft_s"] * 1000 for s in setups]),
     ]
     for axis, (title, values) in zip(axes, panels):
-        bars = axis.bar(names, values, color=["grey", "silver", "tab:green", "tab:orange"][: len(names)])
+        bars = axis.bar(names, values, color=["tab:green" if "kvshelf" in name else "silver" for name in names])
         axis.bar_label(bars, labels=[f"{value:.2f}" if value < 10 else f"{value:.0f}" for value in values])
         axis.set_title(title)
         axis.tick_params(axis="x", labelrotation=15)
