@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from kvshelf.codecs import CODECS_BY_ID, unframe
 from kvshelf.keys import chunk_keys
+from kvshelf.tiers.disk import chunk_path
 
 CHUNK_SIZE = 128  # = vLLM's CPU block size, keeps prompts short
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -34,6 +37,7 @@ def prompts(corpus_ids):
         "doc_other_tail": document[:200] + corpus_ids[5000:5100],  # shares chunk 0 only
         "exact": corpus_ids[1000 : 1000 + 3 * CHUNK_SIZE],  # an exact multiple of chunk_size
         "damaged": corpus_ids[2000:2300],
+        "damaged_longer": corpus_ids[2000:2500],  # the damaged prompt's 2 chunks, then 1 more
         "salted": corpus_ids[3000:3300],
     }
 
@@ -57,13 +61,22 @@ def scenario(prompts, tmp_path_factory):
     ])
     damaged_files = [path for path in disk_path.rglob("*.kvs")
                      if path.stem in {key.hex for key in _keys_of(prompts["damaged"], disk_path)}]
+    damaged_bytes = {}
     for path in damaged_files:
         data = bytearray(path.read_bytes())
         data[-50] ^= 0xFF
         path.write_bytes(data)
-    engine_b = run_engine(extra_config, [{"prompt_token_ids": prompts["doc"]},
-                                         {"prompt_token_ids": prompts["damaged"]}])
-    return {"reference": reference, "a": engine_a, "b": engine_b, "damaged_files": damaged_files}
+        damaged_bytes[path] = bytes(data)
+    engine_b = run_engine(extra_config, [
+        {"prompt_token_ids": prompts["doc"]},
+        {"prompt_token_ids": prompts["damaged_longer"]},  # loads fail: recomputed, and saved afresh
+        {"prompt_token_ids": prompts["damaged_longer"]},
+    ])
+    # Engine C computes the same prompt from nothing, into a disk tier of its own.
+    clean_path = tmp_path_factory.mktemp("vllm-clean-disk")
+    run_engine(extra_config | {"disk.path": str(clean_path)}, [{"prompt_token_ids": prompts["damaged_longer"]}])
+    return {"reference": reference, "a": engine_a, "b": engine_b, "damaged_bytes": damaged_bytes,
+            "disk_path": disk_path, "clean_path": clean_path}
 
 
 def _keys_of(token_ids: list[int], disk_path: Path):
@@ -104,10 +117,24 @@ def test_second_engine_process_hits_the_shared_disk_tier(scenario):
     assert scenario["b"][0]["output_ids"] == scenario["reference"]["doc"]["output_ids"]
 
 
-def test_damaged_stored_chunk_is_recomputed_not_used(scenario):
-    assert len(scenario["damaged_files"]) == 2
-    assert scenario["b"][1]["output_ids"] == scenario["reference"]["damaged"]["output_ids"]
-    assert not any(path.exists() for path in scenario["damaged_files"])  # dropped as corrupt
+def test_damaged_stored_chunk_is_recomputed_then_stored_afresh(scenario, prompts):
+    assert len(scenario["damaged_bytes"]) == 2
+    expected = scenario["reference"]["damaged_longer"]["output_ids"]
+    recomputed, reloaded = scenario["b"][1], scenario["b"][2]
+    assert recomputed["output_ids"] == expected
+    # The step that met the damage computed KV against blocks that never loaded; none of it was
+    # kept. The recomputed prefill stored all three chunks, which now load and give the same tokens.
+    assert reloaded["num_cached_tokens"] == 3 * CHUNK_SIZE
+    assert reloaded["output_ids"] == expected
+    for path, damaged in scenario["damaged_bytes"].items():
+        assert path.read_bytes() != damaged
+    # Every stored chunk of that prompt holds the KV a clean engine computes.
+    keys = _keys_of(prompts["damaged_longer"], scenario["disk_path"])
+    assert len(keys) == 3
+    for key in keys:
+        stored = unframe(chunk_path(scenario["disk_path"], key).read_bytes(), key.digest, CODECS_BY_ID)
+        clean = unframe(chunk_path(scenario["clean_path"], key).read_bytes(), key.digest, CODECS_BY_ID)
+        assert torch.allclose(stored, clean, atol=1e-4)
 
 
 def test_chunk_size_not_a_multiple_of_the_block_size_stops_the_engine_with_the_fix(tmp_path):

@@ -78,6 +78,10 @@ class KVShelfConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return KVShelfMetadata(self._scheduler.plan_step(scheduler_output))
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        if connector_output.invalid_block_ids:
+            self._scheduler.forget_failed_blocks(connector_output.invalid_block_ids)
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saving happened when the prefill finished; nothing holds the blocks now.
         self._scheduler.finished(request)

@@ -94,5 +94,14 @@ class SchedulerSide:
         block_ids = state.block_ids[: -(-end // self.facts.block_size)]
         return Transfer(request_id, state.prompt_ids[:end], state.namespace, state.mm_hashes, block_ids, start, end)
 
+    def forget_failed_blocks(self, invalid_block_ids: set[int]) -> None:
+        """Chunks whose blocks failed to load are gone from the shelf (or unreadable): stop counting
+        them as stored, so the request's recomputed prefill saves them again."""
+        for state in self.requests.values():
+            failed = [index for index, block_id in enumerate(state.block_ids) if block_id in invalid_block_ids]
+            if failed:
+                first_failed_token = failed[0] * self.facts.block_size
+                state.stored_tokens = min(state.stored_tokens, first_failed_token // self.chunk_size * self.chunk_size)
+
     def finished(self, request: Any) -> None:
         self.requests.pop(request.request_id, None)

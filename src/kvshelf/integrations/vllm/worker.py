@@ -28,6 +28,7 @@ class WorkerSide:
         self._keys_then_values_per_block = keys_then_values_per_block
         self.paged: PagedKV | None = None
         self.failed_block_ids: set[int] = set()
+        self._failed_request_ids: set[str] = set()
         self.num_load_failed_tokens = 0
         self._reported: dict[str, int] = {}
 
@@ -42,6 +43,7 @@ class WorkerSide:
 
     def load(self, plan: StepPlan) -> None:
         self.failed_block_ids = set()
+        self._failed_request_ids: set[str] = set()
         for transfer in plan.loads:
             self._load(transfer)
 
@@ -63,11 +65,16 @@ class WorkerSide:
                 transfer.end - loaded_end,
             )
             self.failed_block_ids.update(failed)
+            self._failed_request_ids.add(transfer.request_id)
             self.num_load_failed_tokens += transfer.end - loaded_end
 
     def save(self, plan: StepPlan) -> None:
         chunk_blocks = self.shelf.chunk_size // self.block_size
         for transfer in plan.saves:
+            if transfer.request_id in self._failed_request_ids:
+                # This step's KV attended to blocks that failed to load: never store it. vLLM
+                # recomputes the request, and its finished prefill is saved then.
+                continue
             first_block = transfer.start // self.block_size
 
             def chunk_at(index: int, transfer: Transfer = transfer, first_block: int = first_block) -> torch.Tensor:
