@@ -42,6 +42,19 @@ def test_partial_prefix_and_other_namespace(make_shelf, namespace):
     assert shelf.lookup(TOKENS, tenant_b) == 0
 
 
+def test_load_from_an_offset_reads_only_later_chunks(make_shelf, namespace):
+    shelf = make_shelf()
+    kv = random_kv(len(TOKENS))
+    shelf.save(TOKENS, kv, namespace)
+    keys = chunk_keys(TOKENS, namespace, CHUNK_SIZE)
+    shelf._stack.memory.delete(keys[:2])
+    shelf.flush()
+    loaded = shelf.load(TOKENS, namespace, upto=16, start=9)  # rounded down to chunk 2
+    assert (loaded.start, loaded.end) == (8, 16)
+    assert torch.equal(torch.cat(loaded.chunks, dim=2), kv[:, :, 8:16])
+    assert shelf.stats()["tiers"]["disk"]["loaded_bytes"] == 0  # chunks 0-1 were not read back
+
+
 def test_save_from_an_offset_stores_only_those_chunks(make_shelf, namespace):
     shelf = make_shelf()
     kv = random_kv(len(TOKENS))

@@ -23,9 +23,14 @@ from kvshelf.tiers.memory import MemoryTier
 
 @dataclass(slots=True)
 class LoadResult:
-    num_tokens: int
+    num_tokens: int  # tokens in `chunks`, which hold tokens [start, start + num_tokens)
     # Each (layers, 2, chunk_size, kv_heads, head_dim), shared with the memory tier: read, never modify.
     chunks: list[torch.Tensor]
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
 
     def kv(self) -> torch.Tensor | None:
         """All loaded tokens as one tensor (layers, 2, num_tokens, kv_heads, head_dim), or None."""
@@ -62,16 +67,21 @@ class Shelf:
         self.metrics.counters.hit_tokens += num_tokens
         return num_tokens
 
-    def load(self, token_ids: Sequence[int], namespace: Namespace, upto: int, mm_hashes: MMHashes = ()) -> LoadResult:
-        """KV of the first `upto` tokens, or of fewer if some chunk is missing or damaged.
+    def load(
+        self, token_ids: Sequence[int], namespace: Namespace, upto: int, mm_hashes: MMHashes = (), start: int = 0
+    ) -> LoadResult:
+        """KV of tokens [start, upto), or of fewer if some chunk is missing or damaged.
 
-        `upto` is rounded down to a multiple of chunk_size. Loaded chunks are promoted to memory.
+        `start` and `upto` are rounded down to multiples of chunk_size; a caller that already holds
+        the first tokens' KV (an engine's own prefix cache) passes `start` to skip reading them.
+        Loaded chunks are promoted to memory.
         """
         started_s = time.perf_counter()
-        keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size, mm_hashes)
+        first_chunk = start // self.chunk_size
+        keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size, mm_hashes)[first_chunk:]
         chunks = self._stack.get_prefix(keys)
         self.metrics.load_seconds.observe(time.perf_counter() - started_s)
-        return LoadResult(len(chunks) * self.chunk_size, chunks)
+        return LoadResult(len(chunks) * self.chunk_size, chunks, first_chunk * self.chunk_size)
 
     def save(
         self, token_ids: Sequence[int], kv: torch.Tensor, namespace: Namespace, start: int = 0, mm_hashes: MMHashes = ()

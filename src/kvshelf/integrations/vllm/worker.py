@@ -43,16 +43,18 @@ class WorkerSide:
 
     def load(self, plan: StepPlan) -> None:
         self.failed_block_ids = set()
-        self._failed_request_ids: set[str] = set()
+        self._failed_request_ids = set()
         for transfer in plan.loads:
             self._load(transfer)
 
     def _load(self, transfer: Transfer) -> None:
         chunk_size = self.shelf.chunk_size
-        loaded = self.shelf.load(transfer.token_ids, self._namespace(transfer), transfer.end, transfer.mm_hashes)
-        loaded_end = max(min(loaded.num_tokens, transfer.end), transfer.start)
-        first_chunk = transfer.start // chunk_size
-        for index, chunk in enumerate(loaded.chunks[first_chunk : loaded_end // chunk_size], start=first_chunk):
+        # Tokens before `start` are in vLLM's own prefix cache: read only the chunks after them.
+        namespace = self._namespace(transfer)
+        loaded = self.shelf.load(transfer.token_ids, namespace, transfer.end, transfer.mm_hashes, transfer.start)
+        loaded_end = max(min(loaded.end, transfer.end), transfer.start)
+        first_chunk = loaded.start // chunk_size
+        for index, chunk in enumerate(loaded.chunks[: loaded_end // chunk_size - first_chunk], start=first_chunk):
             # Blocks before `start` already hold vLLM's own cached KV (possibly shared): leave them.
             begin = max(index * chunk_size, transfer.start)
             block_ids = transfer.block_ids[begin // self.block_size : (index + 1) * chunk_size // self.block_size]
