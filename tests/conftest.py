@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kvshelf import KVLayout, Namespace, Shelf, load_config
+from kvshelf.bench.redis_servers import RedisClusterServers, RedisServer
 
 # Small enough to keep core tests fast; real model tests use the model's own layout.
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4)
@@ -32,3 +33,17 @@ def make_shelf(tmp_path):
     yield make
     for shelf in shelves:
         shelf.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a free loopback port, stopped after the test."""
+    with RedisServer(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """Three redis-server primaries joined into a cluster, stopped after the test."""
+    with RedisClusterServers(tmp_path) as cluster:
+        yield cluster

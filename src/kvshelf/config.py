@@ -8,6 +8,7 @@ Later sources win: defaults < file < environment < keywords. Keys are dotted pat
     writer_queue_size: 64
     memory: {size: 2GiB}
     disk: {path: ~/.cache/kvshelf/disk, size: 20GiB, codec: raw}   # omit for no disk tier
+    redis: {url: "redis://:secret@host:6379/0", ttl_s: 86400}       # omit for no redis tier
 """
 
 import os
@@ -54,12 +55,29 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """A shared Redis, or a Redis Cluster reached through `urls` as seed nodes."""
+
+    urls: tuple[str, ...]  # redis:// or rediss:// (TLS); user and password may be in the URL
+    cluster: bool = False
+    username: str | None = None  # override the URL's; the password is best kept out of the URL
+    password: str | None = None
+    codec: str = "raw"
+    ttl_s: float | None = None  # expiry of each chunk, refreshed by every read; None: Redis's eviction only
+    connect_timeout_s: float = 1.0
+    timeout_s: float = 1.0  # per socket operation; a slower Redis counts as failed
+    on_start_failure: str = "error"  # or "warn": log, and keep retrying the tier in the background
+    key_prefix: str = "kvshelf"
+
+
+@dataclass(frozen=True)
 class ShelfConfig:
     chunk_size: int = 256
     writer_queue_size: int = 64
     tier_backoff_s: float = 5.0
     memory: MemoryConfig = MemoryConfig()
     disk: DiskConfig | None = None
+    redis: RedisConfig | None = None
 
 
 def load_config(
@@ -138,13 +156,32 @@ def _build(values: dict[str, Any]) -> ShelfConfig:
         disk = DiskConfig(parsed["disk.path"], **{k: v for k, v in disk_fields.items() if v is not None})
         _check_writable(disk.path)
         _check_fits_disk(disk)
-    elif "disk.size" in parsed or "disk.codec" in parsed:
-        raise ConfigError(
-            "disk.size/disk.codec are set but disk.path is not; "
-            "set disk.path (KVSHELF_DISK_PATH) to enable the disk tier"
-        )
+    else:
+        _check_section_enabled(parsed, "disk", "path")
+    redis = None
+    if "redis.url" in parsed:
+        redis_fields = {name: parsed[f"redis.{name}"] for name in _REDIS_FIELDS if f"redis.{name}" in parsed}
+        redis = RedisConfig(parsed["redis.url"], **redis_fields)
+        if len(redis.urls) > 1 and not redis.cluster:
+            raise ConfigError(
+                f"redis.url lists {len(redis.urls)} URLs; several URLs are the seed nodes of a Redis Cluster: "
+                "set redis.cluster: true, or give one URL"
+            )
+    else:
+        _check_section_enabled(parsed, "redis", "url")
     top = {key: parsed[key] for key in ("chunk_size", "writer_queue_size", "tier_backoff_s") if key in parsed}
-    return ShelfConfig(memory=memory, disk=disk, **top)
+    return ShelfConfig(memory=memory, disk=disk, redis=redis, **top)
+
+
+def _check_section_enabled(parsed: dict[str, Any], section: str, enabling_key: str) -> None:
+    """A section's other keys mean nothing without the key that turns the tier on."""
+    orphans = sorted(key for key in parsed if key.startswith(f"{section}."))
+    if orphans:
+        name = f"{section}.{enabling_key}"
+        raise ConfigError(
+            f"{', '.join(orphans)} set but {name} is not; set {name} "
+            f"(KVSHELF_{name.upper().replace('.', '_')}) to enable the {section} tier"
+        )
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -183,6 +220,55 @@ def _path(key: str, value: Any) -> Path:
     if not str(value).strip():
         raise ConfigError(f"{key} must be a directory path, got an empty string")
     return Path(str(value)).expanduser()
+
+
+def _positive_float(key: str, value: Any) -> float:
+    number = _non_negative_float(key, value)
+    if number == 0:
+        raise ConfigError(f"{key} must be larger than zero, got {value!r}")
+    return number
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if str(value).strip().lower() not in words:
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return words[str(value).strip().lower()]
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, (str, int)) or not str(value):
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    return str(value)
+
+
+def _redis_urls(key: str, value: Any) -> tuple[str, ...]:
+    """One URL, or the seed nodes of a cluster as a list or a comma-separated string."""
+    urls = [str(url).strip() for url in (value if isinstance(value, list) else str(value).split(","))]
+    for url in urls:
+        if not url.startswith(("redis://", "rediss://")):
+            raise ConfigError(
+                f"{key} must be redis://[user:password@]host:port[/db] or rediss://... (TLS), got {url!r}"
+            )
+    return tuple(urls)
+
+
+def _on_start_failure(key: str, value: Any) -> str:
+    if value not in ("error", "warn"):
+        raise ConfigError(
+            f"{key} must be 'error' (refuse to start) or 'warn' (start without the tier, retry it later), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _key_prefix(key: str, value: Any) -> str:
+    text = _text(key, value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+        raise ConfigError(f"{key} may hold letters, digits, '_', '.' and '-' only, got {value!r}")
+    return text
 
 
 def _codec(key: str, value: Any) -> str:
@@ -230,4 +316,15 @@ KEYS = {
     "disk.path": _path,
     "disk.size": _size,
     "disk.codec": _codec,
+    "redis.url": _redis_urls,
+    "redis.cluster": _boolean,
+    "redis.username": _text,
+    "redis.password": _text,
+    "redis.codec": _codec,
+    "redis.ttl_s": _positive_float,
+    "redis.connect_timeout_s": _positive_float,
+    "redis.timeout_s": _positive_float,
+    "redis.on_start_failure": _on_start_failure,
+    "redis.key_prefix": _key_prefix,
 }
+_REDIS_FIELDS = [key.removeprefix("redis.") for key in KEYS if key.startswith("redis.") and key != "redis.url"]

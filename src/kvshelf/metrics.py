@@ -30,6 +30,7 @@ class ShelfCounters:
     stored_bytes: defaultdict[str, int] = field(default_factory=_per_tier)
     corrupt_chunks: defaultdict[str, int] = field(default_factory=_per_tier)
     tier_errors: defaultdict[str, int] = field(default_factory=_per_tier)
+    skipped_ops: defaultdict[str, int] = field(default_factory=_per_tier)  # while a failed tier backs off
 
     @property
     def miss_tokens(self) -> int:
@@ -58,6 +59,8 @@ class ShelfMetrics:
 
     def snapshot(self) -> dict:
         counters = self.counters
+        for tier in self._tiers:
+            tier.refresh_usage()
         return {
             "lookup_tokens": counters.lookup_tokens,
             "hit_tokens": counters.hit_tokens,
@@ -71,7 +74,9 @@ class ShelfMetrics:
                     "stored_bytes": counters.stored_bytes[tier.name],
                     "evictions": tier.counters.num_evictions,
                     "corrupt_chunks": counters.corrupt_chunks[tier.name],
-                    "errors": counters.tier_errors[tier.name],
+                    "errors": counters.tier_errors[tier.name] + tier.counters.num_errors,
+                    "skipped": counters.skipped_ops[tier.name],
+                    "rejected_writes": tier.counters.num_rejected_writes,
                 }
                 for tier in self._tiers
             },
@@ -92,7 +97,7 @@ class _CounterCollector(Collector):
         yield tokens
         yield CounterMetricFamily(
             "kvshelf_dropped_writes",
-            "Chunk writes dropped (writer queue full or tier down)",
+            "Chunk writes dropped (writer queue full, or a tier down or failing)",
             value=counters.dropped_writes,
         )
         per_tier = {
@@ -105,6 +110,12 @@ class _CounterCollector(Collector):
                 "kvshelf_corrupt_chunks", "Stored chunks that failed verification", labels=["tier"]
             ),
             "errors": CounterMetricFamily("kvshelf_tier_errors", "Failed tier operations", labels=["tier"]),
+            "skipped": CounterMetricFamily(
+                "kvshelf_tier_skipped", "Operations skipped while a failed tier backs off", labels=["tier"]
+            ),
+            "rejected_writes": CounterMetricFamily(
+                "kvshelf_tier_rejected_writes", "Chunks a full tier refused to store", labels=["tier"]
+            ),
             "used_bytes": GaugeMetricFamily("kvshelf_tier_used_bytes", "Bytes a tier holds", labels=["tier"]),
             "capacity_bytes": GaugeMetricFamily("kvshelf_tier_capacity_bytes", "A tier's byte budget", labels=["tier"]),
         }

@@ -1,6 +1,7 @@
 """`raw`: the tensor's bytes as they are; lossless, and zero-copy on decode."""
 
 import math
+import warnings
 
 import torch
 
@@ -24,7 +25,9 @@ class RawCodec(Codec):
             )
         if len(payload) == 0:
             return torch.empty(shape, dtype=dtype)
-        # A writable buffer (bytearray) is shared, not copied; a read-only one must be copied
-        # because torch tensors are always writable.
-        buffer = payload if not payload.readonly else bytearray(payload)
-        return torch.frombuffer(buffer, dtype=dtype).view(shape)
+        # The buffer is shared, not copied, even a read-only one (a Redis reply is `bytes`): torch
+        # warns that the tensor could write to it, but chunks from the shelf are never written
+        # (see LoadResult), and copying several MB per chunk would cost more than the read.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            return torch.frombuffer(payload, dtype=dtype).view(shape)

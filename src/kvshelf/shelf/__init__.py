@@ -4,6 +4,7 @@ Engines see only this class. KV crosses it in the canonical shape
 (layers, 2, tokens, kv_heads, head_dim), on the CPU.
 """
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,13 +13,17 @@ from typing import Any
 import torch
 
 from kvshelf.codecs import get_codec
-from kvshelf.config import ShelfConfig, load_config
+from kvshelf.config import RedisConfig, ShelfConfig, load_config
+from kvshelf.errors import ConfigError, TierUnavailable
 from kvshelf.keys import ChunkKey, MMHashes, Namespace, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
 from kvshelf.tiers.disk import DiskTier
 from kvshelf.tiers.memory import MemoryTier
+from kvshelf.tiers.redis import RedisTier
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -45,11 +50,30 @@ class Shelf:
         if self.config.disk is not None:
             disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes)
             lower.append(LowerTier(disk, get_codec(self.config.disk.codec)))
+        if self.config.redis is not None:
+            lower.append(self._connect_redis(self.config.redis))
         counters = ShelfCounters()
         self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, counters, self.config.tier_backoff_s)
         self.metrics = ShelfMetrics(counters, self._stack.tiers)
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
         self._closed = False
+
+    def _connect_redis(self, config: RedisConfig) -> LowerTier:
+        """The redis tier; one that cannot be reached is an error, or with on_start_failure=warn a
+        tier that starts out backing off and is tried again after each back-off period."""
+        slot = LowerTier(RedisTier(config, self.config.tier_backoff_s), get_codec(config.codec))
+        try:
+            slot.tier.connect()
+        except TierUnavailable as exc:
+            if config.on_start_failure == "error":
+                slot.tier.close()
+                raise ConfigError(
+                    f"redis tier: {exc}; or set redis.on_start_failure: warn to start without it"
+                ) from exc
+            logger.warning("kvshelf: redis tier: %s; starting without it, retrying every %.1f s",
+                           exc, self.config.tier_backoff_s)
+            slot.down_until_s = time.monotonic() + self.config.tier_backoff_s
+        return slot
 
     @classmethod
     def from_config(cls, path: str | None = None, **overrides: Any) -> "Shelf":

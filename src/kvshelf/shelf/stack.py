@@ -107,25 +107,30 @@ class TierStack:
     ) -> None:
         """Encode and write `items` to every lower tier that lacks them (runs on the writer thread)."""
         for slot in self.lower:
-            if not slot.is_up:
-                self._counters.dropped_writes += 1
-                continue
             started_s = time.perf_counter()
-            self._guarded(slot, None, self._write, slot, items, namespace)
-            store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
+            if self._guarded(slot, False, self._write, slot, items, namespace) is False:
+                self._counters.dropped_writes += 1
+            else:
+                store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
 
-    def _write(self, slot: LowerTier, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace) -> None:
-        new_items = [(key, chunk) for key, chunk in items if slot.tier.contains_prefix([key]) == 0]
+    def _write(self, slot: LowerTier, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace) -> bool:
+        held = slot.tier.contains_each([key for key, _ in items])
+        new_items = [item for item, is_held in zip(items, held) if not is_held]
         if not new_items:
-            return
+            return True
         slot.tier.note_namespace(namespace)
         blobs = [(key, frame(chunk, key.digest, slot.codec)) for key, chunk in new_items]
         slot.tier.put_many(blobs)
         self._counters.stored_bytes[slot.tier.name] += sum(len(blob) for _, blob in blobs)
+        return True
 
     def _guarded(self, slot: LowerTier, fallback: Any, operation: Callable[..., Any], *args: Any) -> Any:
-        """`operation(*args)` on a tier, unless it is backing off; a failure starts a back-off."""
+        """`operation(*args)` on a tier, unless it is backing off; a failure starts a back-off.
+
+        Either way the caller gets `fallback`: reads miss, writes are dropped, and both are counted.
+        """
         if not slot.is_up:
+            self._counters.skipped_ops[slot.tier.name] += 1
             return fallback
         try:
             return operation(*args)

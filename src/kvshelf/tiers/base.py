@@ -20,6 +20,9 @@ class TierCounters:
 
     num_evictions: int = 0
     evicted_bytes: int = 0
+    # Failures the tier absorbed itself (a cluster node down while the others serve).
+    num_errors: int = 0
+    num_rejected_writes: int = 0  # chunks the store refused (full, and not allowed to evict)
 
 
 class Tier(ABC, Generic[Value]):
@@ -42,6 +45,10 @@ class Tier(ABC, Generic[Value]):
     def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
         """How many leading `keys` this tier holds."""
 
+    def contains_each(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether the tier holds each of `keys`; tiers with a cheaper batched check override this."""
+        return [self.contains_prefix([key]) == 1 for key in keys]
+
     @abstractmethod
     def get_many(self, keys: Sequence[ChunkKey]) -> list[Value | None]:
         """Values of `keys`, None where missing. Raises TierUnavailable if the tier fails."""
@@ -52,6 +59,9 @@ class Tier(ABC, Generic[Value]):
 
     @abstractmethod
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
+    def refresh_usage(self) -> None:
+        """Bring `used_bytes`, `capacity_bytes` and counters up to date before they are read. Optional."""
 
     def note_namespace(self, namespace: Namespace) -> None:
         """Record what a namespace id means, for tools that list stored chunks. Optional."""

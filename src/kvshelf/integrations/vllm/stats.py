@@ -17,12 +17,14 @@ DESCRIPTIONS = {
     "lookup_tokens": "Prompt tokens kvshelf was asked about",
     "hit_tokens": "Prompt tokens kvshelf could supply",
     "load_failed_tokens": "Tokens promised but not loadable (recomputed by vLLM)",
-    "dropped_writes": "Chunk writes dropped (writer queue full or tier down)",
+    "dropped_writes": "Chunk writes dropped (writer queue full, or a tier down or failing)",
     "loaded_bytes": "Bytes of KV read from a tier",
     "stored_bytes": "Bytes written to a tier",
     "evictions": "Chunks evicted from a tier",
     "corrupt_chunks": "Stored chunks that failed verification",
     "errors": "Failed tier operations",
+    "skipped": "Operations skipped while a failed tier backs off",
+    "rejected_writes": "Chunks a full tier refused to store",
 }
 
 
@@ -32,7 +34,8 @@ def flat_counters(shelf: Shelf, load_failed_tokens: int) -> dict[str, int]:
     flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes")}
     flat["load_failed_tokens"] = load_failed_tokens
     for tier_name, tier_stats in stats["tiers"].items():
-        for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "errors"):
+        for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "errors", "skipped",
+                     "rejected_writes"):
             flat[f"{tier_name}_{name}"] = tier_stats[name]
     return flat
 

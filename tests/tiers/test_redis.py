@@ -1,0 +1,236 @@
+"""The redis tier against real redis-server processes: one server, a 3-node cluster, failures."""
+
+import logging
+import time
+
+import pytest
+import torch
+
+from kvshelf import ConfigError, KVLayout, Namespace, Shelf, load_config
+from kvshelf.bench.redis_servers import RedisServer
+from kvshelf.keys import chunk_keys
+from kvshelf.tiers.redis import USAGE_REFRESH_S, RedisTier
+from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
+from tests.tiers.test_memory import key
+
+TOKENS = list(range(6 * CHUNK_SIZE))
+
+
+def redis_config(urls, **options):
+    return load_config(environ={}, redis_url=urls, **options).redis
+
+
+def tier_of(urls, **options) -> RedisTier:
+    tier = RedisTier(redis_config(urls, **options), backoff_s=0.2)
+    tier.connect()
+    return tier
+
+
+@pytest.fixture
+def redis_shelf(make_shelf, redis_server):
+    """Shelves over `redis_server` alone: no disk, so a new shelf can only hit what Redis holds."""
+
+    def make(**overrides):
+        return make_shelf(disk_path=None, redis_url=redis_server.url, tier_backoff_s=0.2, **overrides)
+
+    return make
+
+
+def saved_kv(shelf, namespace, tokens=TOKENS, seed=0):
+    kv = random_kv(len(tokens), seed)
+    shelf.save(tokens, kv, namespace)
+    shelf.flush()
+    return kv
+
+
+def test_tier_round_trip_and_namespaced_names(redis_server):
+    tier = tier_of(redis_server.url)
+    items = [(key(i), bytes([i]) * 1000) for i in range(4)]
+    tier.put_many(items)
+    assert tier.contains_prefix([key(0), key(1), key(9), key(2)]) == 2
+    assert tier.contains_each([key(0), key(9), key(3)]) == [True, False, True]
+    assert tier.get_many([key(2), key(9)]) == [bytes([2]) * 1000, None]
+    tier.delete([key(1)])
+    assert tier.contains_each([key(1)]) == [False]
+    names = {name.decode() for name in redis_server.client().keys("*")}
+    assert names == {f"kvshelf:{key(i).namespace_id}:{key(i).hex}" for i in (0, 2, 3)}
+    tier.close()
+
+
+def test_a_second_shelf_hits_what_the_first_stored(redis_shelf, namespace):
+    kv = saved_kv(redis_shelf(), namespace)
+    reader = redis_shelf()
+    assert reader.lookup(TOKENS, namespace) == len(TOKENS)
+    assert torch.equal(reader.load(TOKENS, namespace, len(TOKENS)).kv(), kv)
+    assert reader.stats()["tiers"]["redis"]["loaded_bytes"] > kv.nbytes
+    assert reader.stats()["tiers"]["memory"]["used_bytes"] == kv.nbytes  # promoted on read
+
+
+def test_tenants_sharing_one_redis_never_hit_each_other(redis_shelf):
+    tenant_a = Namespace("test-model@1", LAYOUT, cache_salt="tenant-a")
+    tenant_b = Namespace("test-model@1", LAYOUT, cache_salt="tenant-b")
+    saved_kv(redis_shelf(), tenant_a)
+    reader = redis_shelf()
+    assert reader.lookup(TOKENS, tenant_b) == 0
+    assert reader.lookup(TOKENS, tenant_a) == len(TOKENS)
+
+
+def test_ttl_is_set_and_renewed_by_reads(redis_shelf, redis_server, namespace):
+    saved_kv(redis_shelf(redis_ttl_s=100), namespace)
+    client = redis_server.client()
+    first = f"kvshelf:{namespace.id}:{chunk_keys(TOKENS, namespace, CHUNK_SIZE)[0].hex}"
+    assert 0 < client.pttl(first) <= 100_000
+    client.pexpire(first, 5000)
+    redis_shelf(redis_ttl_s=100).load(TOKENS, namespace, CHUNK_SIZE)
+    assert client.pttl(first) > 5000
+
+
+def test_corrupt_value_is_a_miss_counted_and_removed(redis_shelf, redis_server, namespace):
+    kv = saved_kv(redis_shelf(), namespace)
+    client = redis_server.client()
+    second = f"kvshelf:{namespace.id}:{chunk_keys(TOKENS, namespace, CHUNK_SIZE)[1].hex}"
+    damaged = bytearray(client.get(second))
+    damaged[-3] ^= 0x01
+    client.set(second, bytes(damaged))
+    reader = redis_shelf()
+    loaded = reader.load(TOKENS, namespace, len(TOKENS))
+    assert loaded.num_tokens == CHUNK_SIZE
+    assert torch.equal(loaded.kv(), kv[:, :, :CHUNK_SIZE])
+    assert reader.stats()["tiers"]["redis"]["corrupt_chunks"] == 1
+    assert not client.exists(second)
+
+
+def test_redis_eviction_inside_a_prefix_ends_the_prefix_there(tmp_path, make_shelf):
+    namespace = Namespace("big-model@1", KVLayout(num_layers=8, num_kv_heads=8, head_dim=64))  # 128 KiB chunks
+    # LFU with a log factor of 0 counts every read, so the chunks in use are never the ones evicted;
+    # LRU would do the same with sleeps, as its clock ticks once a second. Either way Redis picks.
+    lfu = ("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lfu", "--lfu-log-factor", "0",
+           "--maxmemory-samples", "10")
+    with RedisServer(tmp_path, *lfu) as server:
+        shelf = make_shelf(disk_path=None, redis_url=server.url, memory_size="1KiB")  # every read goes to Redis
+        tokens = list(range(12 * CHUNK_SIZE))
+        kv = torch.randn(namespace.layout.shape(len(tokens)))
+        shelf.save(tokens, kv, namespace)
+        shelf.flush()
+        for filler in range(6):  # keep the first 6 chunks in use while other prompts fill Redis up
+            shelf.load(tokens, namespace, 6 * CHUNK_SIZE)
+            other = list(range(10_000 * (filler + 1), 10_000 * (filler + 1) + 6 * CHUNK_SIZE))
+            shelf.save(other, torch.randn(namespace.layout.shape(len(other))), namespace)
+            shelf.flush()
+        client = server.client()
+        assert client.info("stats")["evicted_keys"] > 0
+        names = [f"kvshelf:{namespace.id}:{k.hex}" for k in chunk_keys(tokens, namespace, CHUNK_SIZE)]
+        held = [bool(client.exists(name)) for name in names]
+        first_missing = held.index(False)
+        assert first_missing > 0  # the hole is inside the prefix
+        reader = make_shelf(disk_path=None, redis_url=server.url)
+        assert reader.lookup(tokens, namespace) == first_missing * CHUNK_SIZE
+        loaded = reader.load(tokens, namespace, len(tokens))
+        assert loaded.num_tokens == first_missing * CHUNK_SIZE
+        assert torch.equal(loaded.kv(), kv[:, :, : loaded.num_tokens])
+        time.sleep(USAGE_REFRESH_S)  # Redis's counters are read at most once a second
+        assert shelf.stats()["tiers"]["redis"]["evictions"] > 0
+
+
+def test_redis_down_means_misses_and_dropped_writes_then_it_is_used_again(redis_shelf, redis_server, namespace):
+    shelf = redis_shelf(memory_size="1KiB")  # too small to hold a chunk: every hit comes from Redis
+    kv = saved_kv(shelf, namespace)
+    redis_server.kill()
+    assert shelf.lookup(TOKENS, namespace) == 0
+    assert shelf.load(TOKENS, namespace, len(TOKENS)).num_tokens == 0
+    shelf.save(list(range(100, 100 + 2 * CHUNK_SIZE)), random_kv(2 * CHUNK_SIZE), namespace)
+    shelf.flush()
+    stats = shelf.stats()
+    assert stats["tiers"]["redis"]["errors"] >= 1
+    assert stats["tiers"]["redis"]["skipped"] >= 1
+    assert stats["dropped_writes"] == 1
+    redis_server.start()  # same port, empty
+    time.sleep(0.3)  # past the back-off
+    saved_kv(shelf, namespace)
+    assert shelf.lookup(TOKENS, namespace) == len(TOKENS)
+    assert torch.equal(shelf.load(TOKENS, namespace, len(TOKENS)).kv(), kv)
+
+
+@pytest.mark.parametrize(
+    ("server_args", "options", "message"),
+    [
+        ((), {"redis_url": "redis://127.0.0.1:1/0"}, "cannot reach Redis at 127.0.0.1:1"),
+        (("--requirepass", "s3cret"), {}, "refused the login.*set or check redis.password"),
+        (("--requirepass", "s3cret"), {"redis_password": "wrong"}, "refused the login"),
+        (("--user", "alice", "on", ">pw", "~*", "+@all"), {"redis_username": "alice", "redis_password": "no"},
+         "refused the login"),
+    ],
+)
+def test_unreachable_or_refused_at_start_is_a_clear_error(tmp_path, server_args, options, message):
+    with RedisServer(tmp_path, *server_args) as server:
+        values = {"redis_url": server.url} | options
+        with pytest.raises(ConfigError, match=message) as raised:
+            Shelf(load_config(environ={}, **values))
+        assert "s3cret" not in str(raised.value) and "wrong" not in str(raised.value)
+
+
+@pytest.mark.parametrize("login", ["password_in_url", "password_option", "acl_user"])
+def test_login(tmp_path, make_shelf, namespace, login):
+    server_args = ("--user", "alice", "on", ">pw", "~*", "+@all") if login == "acl_user" else ("--requirepass", "pw")
+    with RedisServer(tmp_path, *server_args) as server:
+        options = {
+            "password_in_url": {"redis_url": server.url.replace("//", "//:pw@")},
+            "password_option": {"redis_url": server.url, "redis_password": "pw"},
+            "acl_user": {"redis_url": server.url.replace("//", "//alice:pw@")},
+        }[login]
+        shelf = make_shelf(disk_path=None, **options)
+        saved_kv(shelf, namespace)
+        assert make_shelf(disk_path=None, **options).lookup(TOKENS, namespace) == len(TOKENS)
+
+
+def test_warn_on_start_failure_serves_without_redis_until_it_comes(tmp_path, make_shelf, namespace, caplog):
+    server = RedisServer(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        shelf = make_shelf(disk_path=None, redis_url=server.url, redis_on_start_failure="warn",
+                           tier_backoff_s=0.2, memory_size="1KiB")
+    assert "starting without it" in caplog.text
+    assert shelf.lookup(TOKENS, namespace) == 0
+    with server:
+        time.sleep(0.3)
+        kv = saved_kv(shelf, namespace)
+        assert shelf.load(TOKENS, namespace, len(TOKENS)).kv().equal(kv)
+
+
+def test_bad_redis_config_names_the_key():
+    with pytest.raises(ConfigError, match="redis.url must be redis://"):
+        load_config(environ={}, redis_url="http://localhost:6379")
+    with pytest.raises(ConfigError, match="set redis.cluster: true"):
+        load_config(environ={}, redis_url="redis://a:1,redis://b:2")
+    with pytest.raises(ConfigError, match="set redis.url"):
+        load_config(environ={}, redis_ttl_s=10)
+    with pytest.raises(ConfigError, match="redis.on_start_failure must be"):
+        load_config(environ={}, redis_url="redis://a:1", redis_on_start_failure="maybe")
+
+
+def test_cluster_spreads_chunks_and_losing_a_node_loses_only_its_keys(redis_cluster, make_shelf, namespace):
+    tokens = list(range(30 * CHUNK_SIZE))
+
+    def cluster_shelf():
+        return make_shelf(disk_path=None, redis_url=redis_cluster.urls, redis_cluster=True, memory_size="1KiB")
+
+    kv = saved_kv(cluster_shelf(), namespace, tokens)
+    sizes = [node.client().dbsize() for node in redis_cluster.nodes]
+    assert all(size > 0 for size in sizes) and sum(sizes) == 30 + 1  # + the namespace description
+    reader = cluster_shelf()
+    assert torch.equal(reader.load(tokens, namespace, len(tokens)).kv(), kv)
+
+    lost, survivors = redis_cluster.nodes[1], redis_cluster.nodes[::2]
+    held_by_survivors = set()
+    for node in survivors:
+        held_by_survivors |= {name.decode() for name in node.client().keys("*")}
+    lost.kill()
+    keys = chunk_keys(tokens, namespace, CHUNK_SIZE)
+    tier = tier_of(redis_cluster.urls, redis_cluster=True)
+    expected = [f"kvshelf:{namespace.id}:{k.hex}" in held_by_survivors for k in keys]
+    assert tier.contains_each(keys) == expected
+    chunks = tier.get_many(keys)
+    assert [chunk is not None for chunk in chunks] == expected
+    assert tier.counters.num_errors >= 1
+    after_loss = cluster_shelf()
+    assert after_loss.lookup(tokens, namespace) == expected.index(False) * CHUNK_SIZE
+    tier.close()
