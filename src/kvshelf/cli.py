@@ -56,11 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` arguments")
     serve.set_defaults(handler=run_serve)
 
-    inspect = commands.add_parser("inspect", help="what a disk store holds: chunks, bytes, namespaces, damaged files")
-    inspect.add_argument("path", type=Path, help="the disk tier's directory (disk.path)")
-    inspect.add_argument("--no-verify", action="store_true", help="skip reading and checking every chunk")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    inspect.set_defaults(handler=run_inspect)
+    store_help = "the disk tier's directory (disk.path) or a Redis URL (redis://[user:password@]host:port/db)"
+    store_commands = {
+        "inspect": "what a store holds: chunks and bytes per namespace, damaged chunks (reads every chunk)",
+        "stats": "chunks and bytes per namespace, and the store's own state, without reading chunks",
+        "clear": "remove one namespace's chunks (or every namespace's) from a store",
+    }
+    for name, help_text in store_commands.items():
+        store = commands.add_parser(name, help=help_text)
+        store.add_argument("store", help=store_help)
+        store.add_argument("--cluster", action="store_true", help="the Redis URL is a seed node of a Redis Cluster")
+        store.add_argument("--config", help="kvshelf YAML config for the Redis login (or KVSHELF_REDIS_PASSWORD)")
+        if name == "clear":
+            which = store.add_mutually_exclusive_group(required=True)
+            which.add_argument("--namespace", action="append", help="namespace id (see `kvshelf stats`); repeatable")
+            which.add_argument("--all", action="store_true", help="every namespace")
+        else:
+            store.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "inspect":
+            store.add_argument("--no-verify", action="store_true", help="skip reading and checking every chunk")
+        store.set_defaults(handler={"inspect": run_inspect, "stats": run_stats, "clear": run_clear}[name])
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -152,46 +167,55 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from kvshelf.inspection import inspect_disk_store
+    return _report_store(args, verify=not args.no_verify)
 
-    report = inspect_disk_store(
-        args.path,
-        verify=not args.no_verify,
-        progress=lambda files: tqdm(files, desc="verifying", file=sys.stderr, disable=len(files) < 64),
-    )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "root": report.root,
-                    "num_chunks": report.num_chunks,
-                    "stored_bytes": report.stored_bytes,
-                    "namespaces": {k: vars_of(v) for k, v in report.namespaces.items()},
-                    "damaged": report.damaged,
-                    "num_temp_files": report.num_temp_files,
-                },
-                indent=2,
-            )
+
+def run_stats(args: argparse.Namespace) -> int:
+    return _report_store(args, verify=False)
+
+
+def _report_store(args: argparse.Namespace, verify: bool) -> int:
+    from kvshelf.inspection import inspect_store, open_store
+
+    store = open_store(args.store, args.cluster, args.config)
+    try:
+        report = inspect_store(
+            store,
+            verify=verify,
+            progress=lambda batches: tqdm(batches, desc="verifying", file=sys.stderr, disable=len(batches) < 2),
         )
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
         return 0
-    print(f"{report.root}: {report.num_chunks} chunks, {report.stored_bytes / 2**20:.1f} MiB")
+    print(f"{report.store}: {report.num_chunks} chunks, {report.stored_bytes / 2**20:.1f} MiB")
     for namespace in report.namespaces.values():
         what = namespace.description or {}
-        model = what.get("model_id", "(no namespace.json)")
+        model = what.get("model_id", "(namespace not described)")
         salt = f", cache_salt={what['cache_salt']}" if what.get("cache_salt") else ""
         print(
             f"  {namespace.namespace_id}  {namespace.num_chunks:>7} chunks  "
             f"{namespace.stored_bytes / 2**20:>9.1f} MiB  {model}{salt}"
         )
     for damaged in report.damaged:
-        print(f"  damaged: {damaged['path']}: {damaged['reason']}")
-    if report.num_temp_files:
-        print(f"  {report.num_temp_files} files being written (or abandoned) in .tmp")
+        print(f"  damaged: {damaged['where']}: {damaged['reason']}")
+    for name, value in report.info.items():
+        print(f"  {name}: {value}")
     return 0
 
 
-def vars_of(report) -> dict:
-    return {field: getattr(report, field) for field in report.__slots__}
+def run_clear(args: argparse.Namespace) -> int:
+    from kvshelf.inspection import inspect_store, open_store
+
+    store = open_store(args.store, args.cluster, args.config)
+    try:
+        namespace_ids = args.namespace or list(inspect_store(store, verify=False).namespaces)
+        for namespace_id in namespace_ids:
+            print(f"{namespace_id}: removed {store.clear(namespace_id)} objects")
+    finally:
+        store.close()
+    return 0
 
 
 if __name__ == "__main__":

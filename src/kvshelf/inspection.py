@@ -1,29 +1,179 @@
-"""What a disk store holds: chunks and bytes per namespace, and which files are damaged."""
+"""What a store holds — a disk tier's directory or a Redis — and removing one namespace from it.
+
+`open_store` takes a directory (disk.path) or a redis:// / rediss:// URL; `inspect_store` counts
+chunks and bytes per namespace and, with `verify`, reads every chunk and lists the damaged ones.
+"""
 
 import json
-from collections.abc import Iterable
+import re
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvshelf.codecs import CODECS_BY_ID, unframe
-from kvshelf.errors import CorruptChunk
+from kvshelf.config import load_config
+from kvshelf.errors import CorruptChunk, TierUnavailable
+from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
 from kvshelf.tiers.disk import TMP_DIR, iter_chunk_files
+from kvshelf.tiers.redis import NAMESPACE_FIELD, SCAN_BATCH, RedisTier
+
+REDIS_SCHEMES = ("redis://", "rediss://")
+GONE = "gone"  # evicted or removed between listing and reading: not damage
+
+
+@dataclass(slots=True)
+class StoredObject:
+    where: str  # a file path, or a Redis key name
+    key: ChunkKey | None  # None: the name is not a chunk's
+    num_bytes: int
+
+
+class Store(ABC):
+    name: str
+
+    @abstractmethod
+    def objects(self) -> Iterator[StoredObject]:
+        """Everything stored, in batches' worth of round trips."""
+
+    @abstractmethod
+    def read(self, objects: Sequence[StoredObject]) -> list[bytes | None]: ...
+
+    @abstractmethod
+    def description(self, namespace_id: str) -> dict | None:
+        """What the namespace means, as its first writer recorded it; None if unknown."""
+
+    def clear(self, namespace_id: str) -> int:
+        """Remove one namespace's chunks; returns how many objects were removed."""
+        if not re.fullmatch(f"[0-9a-f]{{{NAMESPACE_ID_CHARS}}}", namespace_id):
+            raise ValueError(
+                f"{namespace_id!r} is not a namespace id ({NAMESPACE_ID_CHARS} hex digits; `kvshelf stats` lists them)"
+            )
+        return self._clear(namespace_id)
+
+    @abstractmethod
+    def _clear(self, namespace_id: str) -> int: ...
+
+    @abstractmethod
+    def info(self) -> dict:
+        """The store's own state: free space, or each Redis node's memory and evictions."""
+
+    def close(self) -> None:  # noqa: B027 - optional, like Tier.close
+        """Release connections. Optional."""
+
+
+class DiskStore(Store):
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise ValueError(f"{root} is not a directory; give the disk tier's path (disk.path) or a redis:// URL")
+        self.root = root
+        self.name = str(root)
+
+    def objects(self) -> Iterator[StoredObject]:
+        for path, key in iter_chunk_files(self.root):
+            yield StoredObject(str(path), key, path.stat().st_size)
+
+    def read(self, objects: Sequence[StoredObject]) -> list[bytes | None]:
+        return [_read_file(Path(stored.where)) for stored in objects]
+
+    def description(self, namespace_id: str) -> dict | None:
+        try:
+            return json.loads((self.root / namespace_id / "namespace.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _clear(self, namespace_id: str) -> int:
+        directory = self.root / namespace_id
+        if not directory.is_dir():
+            return 0
+        num_files = sum(1 for path in directory.rglob("*") if path.is_file())
+        shutil.rmtree(directory)
+        return num_files
+
+    def info(self) -> dict:
+        tmp_dir = self.root / TMP_DIR
+        usage = shutil.disk_usage(self.root)
+        return {
+            "filesystem_free_bytes": usage.free,
+            "filesystem_total_bytes": usage.total,
+            "num_temp_files": sum(1 for _ in tmp_dir.iterdir()) if tmp_dir.is_dir() else 0,
+        }
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+class RedisStore(Store):
+    def __init__(self, tier: RedisTier) -> None:
+        self.tier = tier
+        self.name = tier.where
+
+    def objects(self) -> Iterator[StoredObject]:
+        batch: list[tuple[str, ChunkKey | None]] = []
+        for entry in self.tier.iter_names():
+            batch.append(entry)
+            if len(batch) == SCAN_BATCH:
+                yield from self._sized(batch)
+                batch = []
+        yield from self._sized(batch)
+
+    def _sized(self, batch: list[tuple[str, ChunkKey | None]]) -> Iterator[StoredObject]:
+        sizes = self.tier.sizes([name for name, _ in batch]) if batch else []
+        for (name, key), num_bytes in zip(batch, sizes):
+            if key is not None or not name.endswith(f":{NAMESPACE_FIELD}"):
+                yield StoredObject(name, key, num_bytes)
+
+    def read(self, objects: Sequence[StoredObject]) -> list[bytes | None]:
+        return self.tier.read([stored.where for stored in objects])
+
+    def description(self, namespace_id: str) -> dict | None:
+        return self.tier.namespace_description(namespace_id)
+
+    def _clear(self, namespace_id: str) -> int:
+        return self.tier.clear(namespace_id)
+
+    def info(self) -> dict:
+        return {"nodes": self.tier.server_info()}
+
+    def close(self) -> None:
+        self.tier.close()
+
+
+def open_store(target: str, cluster: bool = False, config_path: str | None = None) -> Store:
+    """The store at `target`: a disk tier's directory, or a Redis URL (a Redis Cluster with `cluster`).
+
+    For Redis, the login and timeouts come from `config_path`, $KVSHELF_CONFIG or KVSHELF_REDIS_* variables.
+    """
+    if not target.startswith(REDIS_SCHEMES):
+        return DiskStore(Path(target).expanduser())
+    config = load_config(config_path, redis_url=target, **({"redis_cluster": True} if cluster else {}))
+    tier = RedisTier(config.redis, config.tier_backoff_s)
+    try:
+        tier.connect()
+    except TierUnavailable as exc:
+        raise ValueError(str(exc)) from exc
+    return RedisStore(tier)
 
 
 @dataclass(slots=True)
 class NamespaceReport:
     namespace_id: str
-    description: dict | None  # from namespace.json; None if it is missing
+    description: dict | None  # None if the namespace's description is missing
     num_chunks: int = 0
     stored_bytes: int = 0
 
 
 @dataclass(slots=True)
 class StoreReport:
-    root: str
+    store: str
     namespaces: dict[str, NamespaceReport] = field(default_factory=dict)
-    damaged: list[dict] = field(default_factory=list)  # {"path", "reason"}
-    num_temp_files: int = 0
+    damaged: list[dict] = field(default_factory=list)  # {"where", "reason"}
+    info: dict = field(default_factory=dict)
 
     @property
     def num_chunks(self) -> int:
@@ -33,43 +183,59 @@ class StoreReport:
     def stored_bytes(self) -> int:
         return sum(report.stored_bytes for report in self.namespaces.values())
 
+    def as_json(self) -> dict:
+        return {
+            "store": self.store,
+            "num_chunks": self.num_chunks,
+            "stored_bytes": self.stored_bytes,
+            "namespaces": {
+                namespace_id: {name: getattr(report, name) for name in NamespaceReport.__slots__}
+                for namespace_id, report in self.namespaces.items()
+            },
+            "damaged": self.damaged,
+            "info": self.info,
+        }
 
-def inspect_disk_store(root: Path, verify: bool = True, progress: Iterable | None = None) -> StoreReport:
-    """Walk a disk tier's directory; with `verify`, read and check every chunk (slow on big stores)."""
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a directory; give the disk tier's path (disk.path)")
-    report = StoreReport(str(root))
-    tmp_dir = root / TMP_DIR
-    report.num_temp_files = sum(1 for _ in tmp_dir.iterdir()) if tmp_dir.is_dir() else 0
-    files = list(iter_chunk_files(root))
-    for path, key in progress(files) if progress else files:
-        if key is None:
-            report.damaged.append({"path": str(path), "reason": "not a chunk file name"})
-            continue
-        reason = _check(path, key.digest) if verify else None
-        if reason:
-            report.damaged.append({"path": str(path), "reason": reason})
-            continue
-        namespace = report.namespaces.get(key.namespace_id)
-        if namespace is None:
-            namespace = report.namespaces[key.namespace_id] = NamespaceReport(
-                key.namespace_id, _description(root / key.namespace_id / "namespace.json")
-            )
-        namespace.num_chunks += 1
-        namespace.stored_bytes += path.stat().st_size
+
+def inspect_store(
+    store: Store, verify: bool = True, progress: Callable[[Iterable], Iterable] | None = None
+) -> StoreReport:
+    """Chunks and bytes per namespace; with `verify`, every chunk is read and checked (slow on big stores)."""
+    report = StoreReport(store.name, info=store.info())
+    objects = list(store.objects())
+    batches = [objects[start : start + 64] for start in range(0, len(objects), 64)]
+    for batch in progress(batches) if progress else batches:
+        reasons = _check(store, batch) if verify else [None] * len(batch)
+        for stored, reason in zip(batch, reasons):
+            if stored.key is None:
+                reason = "not a chunk's name"
+            if reason == GONE:
+                continue
+            if reason:
+                report.damaged.append({"where": stored.where, "reason": reason})
+                continue
+            namespace = report.namespaces.get(stored.key.namespace_id)
+            if namespace is None:
+                namespace_id = stored.key.namespace_id
+                namespace = report.namespaces[namespace_id] = NamespaceReport(
+                    namespace_id, store.description(namespace_id)
+                )
+            namespace.num_chunks += 1
+            namespace.stored_bytes += stored.num_bytes
     return report
 
 
-def _check(path: Path, digest: bytes) -> str | None:
-    try:
-        unframe(path.read_bytes(), digest, CODECS_BY_ID)
-    except CorruptChunk as exc:
-        return str(exc)
-    return None
-
-
-def _description(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _check(store: Store, batch: Sequence[StoredObject]) -> list[str | None]:
+    reasons = []
+    for stored, blob in zip(batch, store.read(batch)):
+        if stored.key is None:
+            reasons.append(None)
+        elif blob is None:
+            reasons.append(GONE)
+        else:
+            try:
+                unframe(blob, stored.key.digest, CODECS_BY_ID)
+                reasons.append(None)
+            except CorruptChunk as exc:
+                reasons.append(str(exc))
+    return reasons
