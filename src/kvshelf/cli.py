@@ -45,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--out", default="out/compare")
     compare.set_defaults(handler=run_compare)
 
+    redis_bench = benches.add_parser(
+        "redis", help="redis tier vs plain redis-py, one node vs a 3-node cluster, TTFT from Redis vs cold"
+    )
+    redis_bench.add_argument("--num-chunks", type=int, default=16)
+    redis_bench.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (45 KiB each)")
+    redis_bench.add_argument("--repeats", type=int, default=5)
+    redis_bench.add_argument("--num-docs", type=int, default=2, help="documents for the TTFT part; 0 skips it")
+    redis_bench.add_argument("--doc-tokens", type=int, default=2048)
+    redis_bench.add_argument("--out", default="out/redis")
+    redis_bench.set_defaults(handler=run_redis_bench)
+
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -127,6 +138,23 @@ def _long_doc_qa(spec) -> int:
     print()
     print(long_doc_qa_table(summary))
     print(f"\nwrote {out / 'summary.json'} and {out / 'long-doc-qa.png'}")
+    return 0
+
+
+def run_redis_bench(args: argparse.Namespace) -> int:
+    from kvshelf.bench.redis_bench import redis_table
+    from kvshelf.bench.redis_bench import run_redis_bench as redis_bench
+
+    out = Path(args.out)
+    summary = redis_bench(
+        out, args.num_chunks, args.chunk_tokens, args.repeats, args.num_docs, args.doc_tokens,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({key: value for key, value in summary.items() if key != "ttft"}, indent=2))
+    print()
+    print(redis_table(summary))
+    print(f"\nwrote {out / 'summary.json'}")
     return 0
 
 

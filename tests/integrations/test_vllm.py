@@ -16,17 +16,10 @@ import torch
 from kvshelf.codecs import CODECS_BY_ID, unframe
 from kvshelf.keys import chunk_keys
 from kvshelf.tiers.disk import chunk_path
+from tests.integrations.vllm_runner import run_engine
 
 CHUNK_SIZE = 128  # = vLLM's CPU block size, keeps prompts short
 RUNNER = Path(__file__).with_name("vllm_runner.py")
-
-
-def run_engine(extra_config: dict | None, requests: list[dict]) -> list[dict]:
-    job = json.dumps({"extra_config": extra_config, "requests": requests})
-    done = subprocess.run([sys.executable, str(RUNNER), job], capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,19 @@
 
     python vllm_runner.py JOB_JSON   ->  last stdout line: RESULT [{"output_ids": [...], "num_cached_tokens": N}, ...]
 
-JOB_JSON: {"extra_config": {...} or null (no kvshelf), "requests": [{"prompt_token_ids": [...], "cache_salt": "..."}]}.
+JOB_JSON: {"extra_config": {...} or null (no kvshelf), "requests": [STEP, ...], "barrier_dir": "..."}, where STEP is
+    {"prompt_token_ids": [...], "cache_salt": "..."}  one request, run alone
+    {"batch": [request, ...]}                          requests run together (one result each)
+    {"barrier": NAME}                                  create NAME.reached in barrier_dir, wait for NAME.go
 vLLM starts worker processes, so it must run under a __main__ guard, never at import.
 """
 
 import json
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 MAX_NEW_TOKENS = 12
 
@@ -36,10 +42,41 @@ def main(job: dict) -> list[dict]:
     )
     sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
     results = []
-    for request in job["requests"]:  # one at a time: each sees what the previous ones saved
-        output = llm.generate([request], sampling, use_tqdm=False)[0]
-        results.append({"output_ids": list(output.outputs[0].token_ids), "num_cached_tokens": output.num_cached_tokens})
+    for step in job["requests"]:  # in order: each step sees what the previous ones saved
+        if "barrier" in step:
+            wait_at_barrier(Path(job["barrier_dir"]), step["barrier"])
+            continue
+        outputs = llm.generate(step.get("batch", [step]), sampling, use_tqdm=False)
+        results += [{"output_ids": list(out.outputs[0].token_ids), "num_cached_tokens": out.num_cached_tokens}
+                    for out in outputs]
     return results
+
+
+def wait_at_barrier(barrier_dir: Path, name: str, timeout_s: float = 600.0) -> None:
+    """Tell the test this engine reached `name`, then wait until the test has done its part."""
+    (barrier_dir / f"{name}.reached").touch()
+    deadline_s = time.monotonic() + timeout_s
+    while not (barrier_dir / f"{name}.go").exists():
+        if time.monotonic() > deadline_s:
+            raise TimeoutError(f"barrier {name} was never released")
+        time.sleep(0.05)
+
+
+def start_engine(extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None) -> subprocess.Popen:
+    """This script on a job, in a new process (for tests)."""
+    job = json.dumps({"extra_config": extra_config, "requests": requests, "barrier_dir": str(barrier_dir)})
+    return subprocess.Popen([sys.executable, __file__, job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def engine_results(engine: subprocess.Popen, timeout_s: float = 600) -> list[dict]:
+    stdout, stderr = engine.communicate(timeout=timeout_s)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert engine.returncode == 0 and lines, stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def run_engine(extra_config: dict | None, requests: list[dict]) -> list[dict]:
+    return engine_results(start_engine(extra_config, requests))
 
 
 if __name__ == "__main__":
