@@ -75,6 +75,9 @@ def measure_throughput(
     config = load_config(environ={}, chunk_size=chunk_tokens, memory_size="1KiB", redis_url=urls,
                          redis_cluster=cluster, writer_queue_size=4)
     client = RedisCluster.from_url(urls[0]) if cluster else redis.Redis.from_url(urls[0])
+    # Long-lived, like an engine's; the memory tier (1 KiB) holds no chunk, so every byte goes
+    # to Redis and comes back from it.
+    writer, reader = Shelf(config), Shelf(config)
     samples: dict[str, dict[str, list[float]]] = {"kvshelf": {"put": [], "get": []}, "redis_py": {"put": [], "get": []}}
     for repeat in range(repeats):
         tokens = list(range(repeat * len(chunks) * chunk_tokens, (repeat + 1) * len(chunks) * chunk_tokens))
@@ -87,17 +90,17 @@ def measure_throughput(
         get_s, _ = _timed(_pipelined, client, names)
         samples["redis_py"]["put"].append(num_mb / put_s)
         samples["redis_py"]["get"].append(num_mb / get_s)
-        # The memory tier (1 KiB) holds no chunk: every byte goes to Redis and comes back from it.
-        with Shelf(config) as writer:
-            put_s, _ = _timed(_save, writer, tokens, namespace, chunks)
-        with Shelf(config) as reader:
-            get_s, loaded = _timed(reader.load, tokens, namespace, len(tokens))
+        del blobs
+        put_s, _ = _timed(_save, writer, tokens, namespace, chunks)
+        get_s, loaded = _timed(reader.load, tokens, namespace, len(tokens))
         samples["kvshelf"]["put"].append(num_mb / put_s)
         samples["kvshelf"]["get"].append(num_mb / get_s)
         if len(loaded.chunks) != len(chunks) or not all(map(torch.equal, loaded.chunks, chunks)):
             raise RuntimeError("kvshelf loaded other bytes than it saved")
+        del loaded
         _flush_all(client, cluster)
-    client.close()
+    for closing in (writer, reader, client):
+        closing.close()
     return {who: {op: statistics.median(values) for op, values in ops.items()} for who, ops in samples.items()}
 
 

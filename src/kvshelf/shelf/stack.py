@@ -24,6 +24,8 @@ from kvshelf.tiers.memory import MemoryTier, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
+WRITE_GROUP_BYTES = 64 * 2**20
+
 
 @dataclass(slots=True)
 class LowerTier:
@@ -119,9 +121,15 @@ class TierStack:
         if not new_items:
             return True
         slot.tier.note_namespace(namespace)
-        blobs = [(key, frame(chunk, key.digest, slot.codec)) for key, chunk in new_items]
-        slot.tier.put_many(blobs)
-        self._counters.stored_bytes[slot.tier.name] += sum(len(blob) for _, blob in blobs)
+        # Framed in groups of about WRITE_GROUP_BYTES: a long prompt's chunks are never all copied
+        # at once, and each group's buffers are reused for the next, not freshly faulted in.
+        group: list[tuple[ChunkKey, bytes]] = []
+        for index, (key, chunk) in enumerate(new_items):
+            group.append((key, frame(chunk, key.digest, slot.codec)))
+            if sum(len(blob) for _, blob in group) >= WRITE_GROUP_BYTES or index == len(new_items) - 1:
+                slot.tier.put_many(group)
+                self._counters.stored_bytes[slot.tier.name] += sum(len(blob) for _, blob in group)
+                group = []
         return True
 
     def _guarded(self, slot: LowerTier, fallback: Any, operation: Callable[..., Any], *args: Any) -> Any:
