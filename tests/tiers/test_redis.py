@@ -1,13 +1,15 @@
 """The redis tier against real redis-server processes: one server, a 3-node cluster, failures."""
 
 import logging
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvshelf import ConfigError, KVLayout, Namespace, Shelf, load_config
-from kvshelf.bench.redis_servers import RedisServer
+from kvshelf.bench.redis_servers import RedisServer, free_port
 from kvshelf.keys import chunk_keys
 from kvshelf.tiers.redis import USAGE_REFRESH_S, RedisTier
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
@@ -234,3 +236,25 @@ def test_cluster_spreads_chunks_and_losing_a_node_loses_only_its_keys(redis_clus
     after_loss = cluster_shelf()
     assert after_loss.lookup(tokens, namespace) == expected.index(False) * CHUNK_SIZE
     tier.close()
+
+
+def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key_file = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key_file), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key_file
+
+
+def test_tls_with_a_certificate_checked_against_its_ca(tmp_path, make_shelf, namespace):
+    cert, key_file = self_signed_certificate(tmp_path, "server")
+    stranger, _ = self_signed_certificate(tmp_path, "stranger")
+    tls_port = free_port()
+    tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key_file),
+           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")
+    with RedisServer(tmp_path, *tls):
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}&ssl_cert_reqs=required"
+        kv = saved_kv(make_shelf(disk_path=None, redis_url=url), namespace)
+        assert torch.equal(make_shelf(disk_path=None, redis_url=url).load(TOKENS, namespace, len(TOKENS)).kv(), kv)
+        with pytest.raises(ConfigError, match="certificate verify failed"):  # a server its CA did not sign
+            make_shelf(disk_path=None, redis_url=url.replace(str(cert), str(stranger)))
