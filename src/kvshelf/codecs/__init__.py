@@ -1,7 +1,7 @@
 """Codecs by name and by stored id."""
 
 from kvshelf.codecs.base import Codec
-from kvshelf.codecs.framing import frame, unframe
+from kvshelf.codecs.framing import frame, frame_parts, unframe
 from kvshelf.codecs.raw import RawCodec
 
 CODECS: dict[str, Codec] = {codec.name: codec for codec in (RawCodec(),)}
@@ -14,4 +14,4 @@ def get_codec(name: str) -> Codec:
     return CODECS[name]
 
 
-__all__ = ["CODECS", "CODECS_BY_ID", "Codec", "frame", "get_codec", "unframe"]
+__all__ = ["CODECS", "CODECS_BY_ID", "Codec", "frame", "frame_parts", "get_codec", "unframe"]

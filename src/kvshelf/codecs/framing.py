@@ -26,15 +26,22 @@ _DTYPE_CODES = {name: code for code, name in enumerate(sorted(DTYPES), start=1)}
 _DTYPE_BY_CODE = {code: DTYPES[name] for name, code in _DTYPE_CODES.items()}
 
 
-def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> bytes:
-    """The stored object for chunk `kv` (layers, 2, tokens, kv_heads, head_dim) under `key_digest`."""
+def frame_parts(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> list[bytes | memoryview]:
+    """The stored object for chunk `kv` (layers, 2, tokens, kv_heads, head_dim) under `key_digest`,
+    as [header, payload]: tiers write one after the other, so the payload (for `raw`, the tensor's
+    own memory) is never copied to join them."""
     payload = codec.encode(kv)
     prefix = _PREFIX.pack(
         MAGIC, FORMAT_VERSION, codec.id, _DTYPE_CODES[DTYPE_NAMES[kv.dtype]], 0, *kv.shape, key_digest, len(payload)
     )
     checksum = xxhash.xxh3_64(prefix)
     checksum.update(payload)
-    return b"".join((prefix, _CHECKSUM.pack(checksum.intdigest()), payload))
+    return [prefix + _CHECKSUM.pack(checksum.intdigest()), payload]
+
+
+def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> bytes:
+    """The stored object as one bytes object (for tools and tests)."""
+    return b"".join(frame_parts(kv, key_digest, codec))
 
 
 def unframe(blob: bytes | bytearray | memoryview, key_digest: bytes, codecs: dict[int, Codec]) -> torch.Tensor:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from prometheus_client import Histogram
 
-from kvshelf.codecs import CODECS_BY_ID, Codec, frame, unframe
+from kvshelf.codecs import CODECS_BY_ID, Codec, frame_parts, unframe
 from kvshelf.errors import CorruptChunk, TierUnavailable
 from kvshelf.keys import ChunkKey, Namespace
 from kvshelf.metrics import ShelfCounters
-from kvshelf.tiers.base import Tier
+from kvshelf.tiers.base import Parts, Tier, parts_bytes
 from kvshelf.tiers.memory import MemoryTier, tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -123,12 +123,13 @@ class TierStack:
         slot.tier.note_namespace(namespace)
         # Framed in groups of about WRITE_GROUP_BYTES: a long prompt's chunks are never all copied
         # at once, and each group's buffers are reused for the next, not freshly faulted in.
-        group: list[tuple[ChunkKey, bytes]] = []
+        group: list[tuple[ChunkKey, Parts]] = []
         for index, (key, chunk) in enumerate(new_items):
-            group.append((key, frame(chunk, key.digest, slot.codec)))
-            if sum(len(blob) for _, blob in group) >= WRITE_GROUP_BYTES or index == len(new_items) - 1:
+            group.append((key, frame_parts(chunk, key.digest, slot.codec)))
+            group_bytes = sum(parts_bytes(parts) for _, parts in group)
+            if group_bytes >= WRITE_GROUP_BYTES or index == len(new_items) - 1:
                 slot.tier.put_many(group)
-                self._counters.stored_bytes[slot.tier.name] += sum(len(blob) for _, blob in group)
+                self._counters.stored_bytes[slot.tier.name] += group_bytes
                 group = []
         return True
 

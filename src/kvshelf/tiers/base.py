@@ -1,7 +1,8 @@
 """The tier interface: a batched key -> value store with a byte budget.
 
-The memory tier holds tensors; lower tiers hold framed bytes. Tiers know nothing of
-codecs or engines; the tier stack encodes, verifies and promotes.
+The memory tier holds tensors; lower tiers hold framed bytes, which they are given as parts
+(header, payload) to write one after the other and hand back as one buffer. Tiers know
+nothing of codecs or engines; the tier stack encodes, verifies and promotes.
 """
 
 from abc import ABC, abstractmethod
@@ -12,6 +13,12 @@ from typing import Generic, TypeVar
 from kvshelf.keys import ChunkKey, Namespace
 
 Value = TypeVar("Value")
+# A stored object as buffers to write in order; the object is their concatenation.
+Parts = Sequence[bytes | memoryview]
+
+
+def parts_bytes(parts: Parts) -> int:
+    return sum(memoryview(part).nbytes for part in parts)
 
 
 @dataclass(slots=True)

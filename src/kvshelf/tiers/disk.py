@@ -27,7 +27,7 @@ import numpy as np
 
 from kvshelf.errors import TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey, Namespace
-from kvshelf.tiers.base import Tier
+from kvshelf.tiers.base import Parts, Tier, parts_bytes
 
 SUFFIX = ".kvs"
 TMP_DIR = ".tmp"
@@ -166,29 +166,31 @@ class DiskTier(Tier[memoryview]):
                 self._index_add(key, len(blob))
         return blob
 
-    def put_many(self, items: Sequence[tuple[ChunkKey, bytes]]) -> None:
-        for key, blob in items:
-            self._put(key, blob)
+    def put_many(self, items: Sequence[tuple[ChunkKey, Parts]]) -> None:
+        for key, parts in items:
+            self._put(key, parts)
 
-    def _put(self, key: ChunkKey, blob: bytes) -> None:
-        if len(blob) > self._capacity_bytes:
+    def _put(self, key: ChunkKey, parts: Parts) -> None:
+        size_bytes = parts_bytes(parts)
+        if size_bytes > self._capacity_bytes:
             return
         with self._lock:
             if key in self._index:
                 return
-        self._evict_until_free(len(blob))
+        self._evict_until_free(size_bytes)
         path = chunk_path(self.root, key)
         tmp_path = self._tmp_dir / f"{uuid.uuid4().hex}.tmp"
         try:
             with _io_errors_as_unavailable("write", path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(tmp_path, "wb") as file:
-                    file.write(blob)
+                    for part in parts:
+                        file.write(part)
                 os.replace(tmp_path, path)
         finally:
             tmp_path.unlink(missing_ok=True)  # a failed write leaves nothing behind
         with self._lock:
-            self._index_add(key, len(blob))
+            self._index_add(key, size_bytes)
 
     def _evict_until_free(self, size_bytes: int) -> None:
         while True:
