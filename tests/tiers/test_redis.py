@@ -133,6 +133,21 @@ def test_redis_eviction_inside_a_prefix_ends_the_prefix_there(tmp_path, make_she
         assert shelf.stats()["tiers"]["redis"]["evictions"] > 0
 
 
+def test_a_full_redis_that_may_not_evict_rejects_writes_and_keeps_serving(tmp_path, make_shelf):
+    namespace = Namespace("big-model@1", KVLayout(num_layers=8, num_kv_heads=8, head_dim=64))  # 128 KiB chunks
+    with RedisServer(tmp_path, "--maxmemory", "3mb", "--maxmemory-policy", "noeviction") as server:
+        shelf = make_shelf(disk_path=None, redis_url=server.url, memory_size="1KiB")
+        tokens = list(range(40 * CHUNK_SIZE))
+        kv = torch.randn(namespace.layout.shape(len(tokens)))
+        shelf.save(tokens, kv, namespace)
+        shelf.flush()
+        stats = shelf.stats()["tiers"]["redis"]
+        assert stats["rejected_writes"] > 0 and stats["errors"] == 0 and stats["skipped"] == 0
+        num_tokens = shelf.lookup(tokens, namespace)
+        assert 0 < num_tokens < len(tokens)
+        assert torch.equal(shelf.load(tokens, namespace, num_tokens).kv(), kv[:, :, :num_tokens])
+
+
 def test_redis_down_means_misses_and_dropped_writes_then_it_is_used_again(redis_shelf, redis_server, namespace):
     shelf = redis_shelf(memory_size="1KiB")  # too small to hold a chunk: every hit comes from Redis
     kv = saved_kv(shelf, namespace)

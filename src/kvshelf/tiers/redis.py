@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AskError, AuthenticationError, MovedError, OutOfMemoryError, RedisError, ResponseError
 from redis.retry import Retry
 
 from kvshelf.config import RedisConfig
@@ -207,11 +207,35 @@ class RedisTier(Tier[bytes]):
         for failure in failures:
             self.counters.num_errors += 1
             logger.warning("kvshelf: %s; its keys read as misses for %.1f s", failure, self._backoff_s)
+        error_replies = []
         for (node, indices), outcome in zip(groups.items(), outcomes):
-            if not _failed(outcome):
-                for index, reply in zip(indices, outcome):
-                    results[index] = self._reply(node, reply)
+            for index, reply in zip(indices, [] if _failed(outcome) else outcome):
+                if isinstance(reply, ResponseError):  # this key counts as missing
+                    error_replies.append((node, reply))
+                else:
+                    results[index] = reply
+        if error_replies:
+            self._note_error_replies(error_replies)
         return results
+
+    def _note_error_replies(self, error_replies: list[tuple[_Node, ResponseError]]) -> None:
+        moved = [reply for _, reply in error_replies if isinstance(reply, (AskError, MovedError))]
+        full = [reply for _, reply in error_replies if isinstance(reply, OutOfMemoryError)]
+        self.counters.num_rejected_writes += len(full)  # Redis is full and set not to evict
+        if moved and self._cluster is not None:
+            self._reload_slot_map()
+        others = [(node, reply) for node, reply in error_replies if not isinstance(reply, (AskError, MovedError))]
+        if others:
+            node, reply = others[0]
+            logger.warning("kvshelf: Redis node %s refused %d commands: %s", node.name, len(others), reply)
+
+    def _reload_slot_map(self) -> None:
+        """Slots moved (resharding, failover): learn where they are now; their keys missed this time."""
+        try:
+            with _redis_errors_as_unavailable(self.where):
+                self._cluster.nodes_manager.initialize()
+        except TierUnavailable as exc:
+            logger.warning("kvshelf: could not reload the cluster's slot map: %s", exc)
 
     def _call(self, node: _Node, operation: Callable[[redis.Redis], Any]) -> Any:
         """`operation(client)` on one node; a failure is returned, not raised, and backs the node off."""
@@ -227,18 +251,6 @@ class RedisTier(Tier[bytes]):
     def _per_node(self, operation: Callable[[redis.Redis], Any]) -> list[Any]:
         """`operation(client)` on every node in turn: its answer, or a TierUnavailable."""
         return [self._call(node, operation) for node in list(self._nodes.values())]
-
-    def _reply(self, node: _Node, reply: Any) -> Any:
-        """A command's reply, or None for an error reply (the key then counts as missing)."""
-        if not isinstance(reply, Exception):
-            return reply
-        if self._cluster is not None and str(reply).startswith(("MOVED", "ASK")):
-            self._cluster.nodes_manager.initialize()  # slots moved (resharding, failover): learn the new map
-        elif str(reply).startswith("OOM"):
-            self.counters.num_rejected_writes += 1  # Redis is full and set not to evict
-        else:
-            logger.warning("kvshelf: Redis node %s answered: %s", node.name, reply)
-        return None
 
     def _name(self, key: ChunkKey) -> bytes:
         return f"{self._prefix}:{key.namespace_id}:{key.hex}".encode()
