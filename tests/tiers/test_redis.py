@@ -126,8 +126,9 @@ def test_redis_eviction_inside_a_prefix_ends_the_prefix_there(tmp_path, make_she
         assert first_missing > 0  # the hole is inside the prefix
         reader = make_shelf(disk_path=None, redis_url=server.url)
         assert reader.lookup(tokens, namespace) == first_missing * CHUNK_SIZE
+        # Reading counts against maxmemory too (reply buffers), so Redis may evict more meanwhile.
         loaded = reader.load(tokens, namespace, len(tokens))
-        assert loaded.num_tokens == first_missing * CHUNK_SIZE
+        assert 0 < loaded.num_tokens <= first_missing * CHUNK_SIZE
         assert torch.equal(loaded.kv(), kv[:, :, : loaded.num_tokens])
         time.sleep(USAGE_REFRESH_S)  # Redis's counters are read at most once a second
         assert shelf.stats()["tiers"]["redis"]["evictions"] > 0
