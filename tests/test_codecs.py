@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshelf.codecs import CODECS_BY_ID, frame, get_codec, unframe
+from kvshelf.codecs import CODECS, CODECS_BY_ID, frame, get_codec, unframe
 from kvshelf.codecs.framing import HEADER_BYTES
 from kvshelf.errors import CorruptChunk, UnknownCodec
 
@@ -77,3 +77,68 @@ def test_unknown_codec_id_is_a_typed_error():
 def test_unknown_codec_name_says_what_exists():
     with pytest.raises(ValueError, match="raw"):
         get_codec("zstd")
+
+
+LOSSY = [name for name, codec in CODECS.items() if not codec.lossless]
+CAST_EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 33, 128])
+def test_lossy_round_trip_within_the_stated_bound(name, dtype, num_tokens):
+    codec = get_codec(name)
+    kv = (torch.randn(2, 2, num_tokens, 3, 64) * torch.logspace(-2, 2, 64)).to(dtype)  # outlier channels too
+    decoded = unframe(frame(kv, KEY, codec), KEY, CODECS_BY_ID)
+    assert decoded.dtype == dtype and decoded.shape == kv.shape
+    bound = codec.error_bound(kv)
+    error = (decoded.float() - kv.float()).abs()
+    assert (error <= bound + (kv.float().abs() + bound) * CAST_EPS[dtype] + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_constant_and_zero_chunks_round_trip(name):
+    for kv in (torch.zeros(2, 2, 4, 3, 64), torch.full((2, 2, 4, 3, 64), -1.5)):
+        assert torch.allclose(unframe(frame(kv, KEY, get_codec(name)), KEY, CODECS_BY_ID), kv, atol=1e-3)
+
+
+def test_sizes_per_value():
+    kv = torch.randn(30, 2, 128, 3, 64)
+    bits = {name: len(get_codec(name).encode(kv)) * 8 / kv.numel() for name in CODECS}
+    assert bits["raw"] == 32 and 8 < bits["int8"] < 8.6 and 8 < bits["fp8"] < 8.6 and 3 < bits["kivi2"] < 3.1
+
+
+class _Verbatim(type(RAW)):
+    """Frames any payload under another codec's id, so the real boundary (unframe) meets it."""
+
+    def __init__(self, codec_id: int, payload: bytes) -> None:
+        self.id, self.payload = codec_id, payload
+
+    def encode(self, kv):
+        return self.payload
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(LOSSY),
+    st.tuples(st.integers(1, 3), st.just(2), st.integers(1, 40), st.integers(1, 3), st.integers(1, 66)),
+    st.binary(max_size=4096),
+)
+def test_arbitrary_payloads_decode_or_raise_corrupt_chunk(name, shape, payload):
+    blob = frame(torch.zeros(shape), KEY, _Verbatim(get_codec(name).id, payload))
+    try:
+        decoded = unframe(blob, KEY, CODECS_BY_ID)
+    except CorruptChunk:
+        return
+    assert decoded.shape == shape
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(LOSSY), st.integers(1, 40), st.data())
+def test_truncated_payloads_raise_corrupt_chunk(name, num_tokens, data):
+    codec = get_codec(name)
+    kv = torch.randn(2, 2, num_tokens, 3, 64)
+    payload = bytes(codec.encode(kv))
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(CorruptChunk):
+        unframe(frame(kv, KEY, _Verbatim(codec.id, payload[:cut])), KEY, CODECS_BY_ID)

@@ -165,3 +165,21 @@ def test_empty_or_too_long_prompt_is_refused(engine):
         engine.generate([], 4)
     with pytest.raises(ValueError, match="exceeds the model's context of 8192"):
         engine.generate([1] * 8190, 4)
+
+
+@pytest.mark.parametrize("codec", ["int8", "kivi2"])
+def test_engine_reads_chunks_a_lossy_codec_wrote(bundled, reference, corpus_ids, question_ids, tmp_path, codec):
+    """Lossy KV is not exact KV: the engine must run on it; how close it comes is `kvshelf bench codecs`."""
+    model, tokenizer = bundled
+    prompt = corpus_ids[3000:3200] + question_ids("What is this about?")
+    config = load_config(environ={}, chunk_size=CHUNK_SIZE, disk_path=str(tmp_path / "disk"), disk_codec=codec)
+    with Shelf(config) as writer:
+        HFEngine(model, tokenizer, writer, BUNDLED_MODEL_ID).generate(prompt, MAX_NEW_TOKENS)
+    with Shelf(config) as reader:  # a fresh memory tier: the prefix comes from the disk tier, decoded
+        result = HFEngine(model, tokenizer, reader, BUNDLED_MODEL_ID).generate(prompt, MAX_NEW_TOKENS)
+        assert result.hit_tokens == len(prompt) // CHUNK_SIZE * CHUNK_SIZE
+        assert reader.stats()["tiers"]["disk"]["loaded_bytes"] > 0
+    expected = reference.generate(prompt, MAX_NEW_TOKENS)
+    assert len(result.output_ids) == MAX_NEW_TOKENS
+    if codec == "int8":  # 8 bits per value keeps greedy decoding of this prompt on the exact path
+        assert result.output_ids == expected.output_ids

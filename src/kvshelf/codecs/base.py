@@ -8,13 +8,13 @@ import torch
 class Codec(ABC):
     """Turns one chunk's KV into bytes and back.
 
-    `id` is stored in every object's header, so it must never change once released;
-    `max_abs_error` states the codec's error bound (0.0 for lossless codecs).
+    `id` is stored in every object's header, so it must never change once released; a codec
+    with variants (levels) stores the variant in its payload, so one id decodes them all.
     """
 
     name: str
     id: int
-    max_abs_error: float = 0.0
+    lossless: bool = True
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> bytes | memoryview:
@@ -23,3 +23,7 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The tensor of `shape` and `dtype` encoded in `payload`; raises CorruptChunk if it can't be."""
+
+    def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
+        """Elementwise bound on |decode(encode(kv)) - kv| (computed in float32, before casting back)."""
+        return torch.zeros(())

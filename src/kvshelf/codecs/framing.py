@@ -68,4 +68,10 @@ def unframe(blob: bytes | bytearray | memoryview, key_digest: bytes, codecs: dic
         raise UnknownCodec(f"codec id {codec_id} is unknown to this version of kvshelf")
     if dtype_code not in _DTYPE_BY_CODE:
         raise CorruptChunk(f"dtype code {dtype_code} is unknown")
-    return codecs[codec_id].decode(view[HEADER_BYTES:], tuple(shape), _DTYPE_BY_CODE[dtype_code])
+    codec = codecs[codec_id]
+    try:
+        return codec.decode(view[HEADER_BYTES:], tuple(shape), _DTYPE_BY_CODE[dtype_code])
+    except CorruptChunk:
+        raise
+    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:  # the codec's own checks missed it
+        raise CorruptChunk(f"{codec.name} payload does not decode to {tuple(shape)}: {exc}") from exc

@@ -1,0 +1,228 @@
+"""Lossy codecs that quantize KV: `int8`, `fp8` (e4m3) and `kivi2` (KIVI's 2-bit scheme).
+
+Each payload starts with a 4-byte header (variant, parameter dtype, group size) and holds its
+scales next to its codes; decoding any variant needs only the payload. Every codec states its
+error as an elementwise bound (`error_bound`), which the tests check on every round trip.
+
+Sizes per value, before framing: int8 8 bits + one float32 scale per 64 values (8.5 bits for
+a head_dim of 64), fp8 the same, kivi2 2 bits + two float16 parameters per group of 32 (3 bits).
+"""
+
+import math
+import struct
+
+import numpy as np
+import torch
+
+from kvshelf.codecs.base import Codec
+from kvshelf.errors import CorruptChunk
+
+_HEADER = struct.Struct("<BBH")  # variant, parameter dtype (0 float32, 1 float16), group size
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP16_SAFE = 2.0**14  # parameters above this are stored as float32, so they cannot overflow float16
+_TINY = 1e-30
+
+
+def _work(kv: torch.Tensor) -> torch.Tensor:
+    """`kv` (layers, 2, tokens, kv_heads, head_dim) as float32, the precision every codec computes in."""
+    return kv.detach().to(torch.float32)
+
+
+def _take(payload: memoryview, offset: int, count: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """`count` items of `dtype` at `offset`; raises CorruptChunk if the payload is too short."""
+    num_bytes = count * np.dtype(dtype).itemsize
+    if offset + num_bytes > len(payload):
+        raise CorruptChunk(f"payload of {len(payload)} bytes ends before its data ({offset + num_bytes} needed)")
+    return np.frombuffer(payload, dtype=dtype, count=count, offset=offset), offset + num_bytes
+
+
+def _check_consumed(payload: memoryview, offset: int) -> None:
+    if offset != len(payload):
+        raise CorruptChunk(f"payload has {len(payload) - offset} bytes beyond its data")
+
+
+def _header(payload: memoryview, codec: Codec) -> tuple[int, int, int]:
+    if len(payload) < _HEADER.size:
+        raise CorruptChunk(f"{codec.name} payload of {len(payload)} bytes is shorter than its header")
+    return _HEADER.unpack_from(payload)
+
+
+class Int8Codec(Codec):
+    """Symmetric 8-bit: one float32 scale per token and head (`int8`) or per channel (`int8-channel`)."""
+
+    id = 2
+    lossless = False
+    _PER_TOKEN, _PER_CHANNEL = 0, 1
+
+    def __init__(self, per_channel: bool = False) -> None:
+        self.name = "int8-channel" if per_channel else "int8"
+        self.variant = self._PER_CHANNEL if per_channel else self._PER_TOKEN
+
+    @staticmethod
+    def _reduced_dims(variant: int) -> tuple[int, ...]:
+        # Per token and head: over head_dim. Per channel (a layer's key or value, head, dim): over tokens.
+        return (4,) if variant == Int8Codec._PER_TOKEN else (2,)
+
+    def _scales(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs().amax(self._reduced_dims(self.variant), keepdim=True).div(127.0).clamp_min(_TINY)
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        x = _work(kv)
+        scales = self._scales(x)
+        codes = (x / scales).round().clamp(-127, 127).to(torch.int8)
+        return b"".join((_HEADER.pack(self.variant, 0, 0), scales.numpy().tobytes(), codes.numpy().tobytes()))
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        variant, _, _ = _header(payload, self)
+        if variant not in (self._PER_TOKEN, self._PER_CHANNEL):
+            raise CorruptChunk(f"int8 variant {variant} is unknown")
+        scale_shape = [1 if dim in self._reduced_dims(variant) else size for dim, size in enumerate(shape)]
+        scales, offset = _take(payload, _HEADER.size, math.prod(scale_shape), np.float32)
+        codes, offset = _take(payload, offset, math.prod(shape), np.int8)
+        _check_consumed(payload, offset)
+        x = torch.from_numpy(codes.astype(np.float32)).view(shape) * torch.from_numpy(scales.copy()).view(scale_shape)
+        return x.to(dtype)
+
+    def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
+        return self._scales(_work(kv)) / 2 * (1 + 1e-5)
+
+
+class Fp8Codec(Codec):
+    """float8 e4m3 (3 mantissa bits) after scaling each token and head into its range."""
+
+    name = "fp8"
+    id = 3
+    lossless = False
+
+    @staticmethod
+    def _scales(x: torch.Tensor) -> torch.Tensor:
+        return x.abs().amax(4, keepdim=True).div(FP8_MAX).clamp_min(_TINY)
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        x = _work(kv)
+        scales = self._scales(x)
+        codes = (x / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        return b"".join((_HEADER.pack(0, 0, 0), scales.numpy().tobytes(), codes.numpy().tobytes()))
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        _header(payload, self)
+        scale_shape = [*shape[:4], 1] if len(shape) == 5 else None
+        if scale_shape is None:
+            raise CorruptChunk(f"fp8 needs a 5-dimensional shape, got {shape}")
+        scales, offset = _take(payload, _HEADER.size, math.prod(scale_shape), np.float32)
+        codes, offset = _take(payload, offset, math.prod(shape), np.uint8)
+        _check_consumed(payload, offset)
+        values = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).to(torch.float32).view(shape)
+        return (values * torch.from_numpy(scales.copy()).view(scale_shape)).to(dtype)
+
+    def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
+        # Normal e4m3 numbers round to within 2^-4 of their magnitude; subnormals to 2^-10 in scaled units.
+        x = _work(kv)
+        return (x.abs() * 2.0**-4 + self._scales(x) * 2.0**-10) * (1 + 1e-5)
+
+
+class Kivi2Codec(Codec):
+    """KIVI (Liu et al., ICML 2024): 2-bit asymmetric, keys per channel, values per token, in groups.
+
+    Keys are grouped along tokens (each channel's outliers stay in their channel); values along
+    channels (each token's own range). Each group stores its minimum and step (max - min) / 3.
+    """
+
+    name = "kivi2"
+    id = 4
+    lossless = False
+    BITS = 2
+    LEVELS = 2**BITS - 1
+
+    def __init__(self, group_size: int = 32) -> None:
+        self.group_size = group_size
+
+    @staticmethod
+    def _groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (layers, heads, dim, key groups, G) and values (layers, tokens, value groups, G),
+        the last group padded by repeating its last element (padding changes no minimum or maximum)."""
+        layers, _, tokens, heads, dim = x.shape
+        keys = x[:, 0].permute(0, 2, 3, 1)  # (layers, heads, dim, tokens)
+        values = x[:, 1].reshape(layers, tokens, heads * dim)
+        return _pad_groups(keys, group_size), _pad_groups(values, group_size)
+
+    def _params(self, groups: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        step = ((high - low) / self.LEVELS).to(param_dtype).to(torch.float32).clamp_min(_TINY)
+        return low.to(param_dtype).to(torch.float32), step
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        x = _work(kv)
+        param_dtype = torch.float16 if x.abs().max() < FP16_SAFE else torch.float32
+        parts = [_HEADER.pack(0, param_dtype == torch.float16, self.group_size)]
+        codes = []
+        for groups in self._groups(x, self.group_size):
+            low, step = self._params(groups, param_dtype)
+            parts += [low.to(param_dtype).numpy().tobytes(), step.to(param_dtype).numpy().tobytes()]
+            codes.append(((groups - low) / step).round().clamp(0, self.LEVELS).to(torch.uint8).flatten())
+        parts.append(_pack_2bit(torch.cat(codes)))
+        return b"".join(parts)
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        _, half_params, group_size = _header(payload, self)
+        if len(shape) != 5 or group_size == 0:
+            raise CorruptChunk(f"kivi2 payload with group size {group_size} cannot hold shape {shape}")
+        layers, _, tokens, heads, dim = shape
+        key_groups = (layers, heads, dim, -(-tokens // group_size))
+        value_groups = (layers, tokens, -(-(heads * dim) // group_size))
+        param_dtype = np.float16 if half_params else np.float32
+        offset, params = _HEADER.size, []
+        for group_shape in (key_groups, value_groups):
+            low, offset = _take(payload, offset, math.prod(group_shape), param_dtype)
+            step, offset = _take(payload, offset, math.prod(group_shape), param_dtype)
+            params.append((group_shape, low, step))
+        num_codes = sum(math.prod(group_shape) * group_size for group_shape, _, _ in params)
+        packed, offset = _take(payload, offset, -(-num_codes // 4), np.uint8)
+        _check_consumed(payload, offset)
+        codes = _unpack_2bit(packed, num_codes)
+        halves, start = [], 0
+        for group_shape, low, step in params:
+            count = math.prod(group_shape) * group_size
+            group_codes = codes[start : start + count].view(*group_shape, group_size).to(torch.float32)
+            low_t = torch.from_numpy(low.astype(np.float32)).view(*group_shape, 1)
+            step_t = torch.from_numpy(step.astype(np.float32)).view(*group_shape, 1)
+            halves.append(group_codes * step_t + low_t)
+            start += count
+        keys = halves[0].flatten(-2)[..., :tokens].permute(0, 3, 1, 2)  # (layers, tokens, heads, dim)
+        values = halves[1].flatten(-2)[..., : heads * dim].view(layers, tokens, heads, dim)
+        return torch.stack((keys, values), dim=1).to(dtype)
+
+    def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
+        x = _work(kv)
+        param_dtype = torch.float16 if x.abs().max() < FP16_SAFE else torch.float32
+        layers, _, tokens, heads, dim = x.shape
+        bounds = []
+        for groups in self._groups(x, self.group_size):
+            low, step = self._params(groups, param_dtype)
+            # Half a step, plus what rounding the parameters to their dtype may have moved.
+            slack = (groups.abs().amax(-1, keepdim=True) + step) * (2.0**-9 if param_dtype == torch.float16 else 1e-6)
+            bounds.append((step / 2 + slack).expand_as(groups))
+        keys = bounds[0].flatten(-2)[..., :tokens].permute(0, 3, 1, 2)
+        values = bounds[1].flatten(-2)[..., : heads * dim].reshape(layers, tokens, heads, dim)
+        return torch.stack((keys, values), dim=1)
+
+
+def _pad_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`x` (..., n) as (..., ceil(n / G), G), padded with copies of its last element."""
+    size = x.shape[-1]
+    padding = -size % group_size
+    if padding:
+        x = torch.cat((x, x[..., -1:].expand(*x.shape[:-1], padding)), dim=-1)
+    return x.reshape(*x.shape[:-1], -1, group_size)
+
+
+def _pack_2bit(codes: torch.Tensor) -> bytes:
+    padded = np.zeros(-(-len(codes) // 4) * 4, dtype=np.uint8)
+    padded[: len(codes)] = codes.numpy()
+    quads = padded.reshape(-1, 4)
+    return (quads[:, 0] | quads[:, 1] << 2 | quads[:, 2] << 4 | quads[:, 3] << 6).astype(np.uint8).tobytes()
+
+
+def _unpack_2bit(packed: np.ndarray, count: int) -> torch.Tensor:
+    quads = np.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], axis=1)
+    return torch.from_numpy(quads.reshape(-1)[:count].copy())
