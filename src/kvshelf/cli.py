@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     redis_bench.add_argument("--out", default="out/redis")
     redis_bench.set_defaults(handler=run_redis_bench)
 
+    codecs = benches.add_parser("codecs", help="size, speed and quality (perplexity, greedy agreement) of every codec")
+    codecs.add_argument("--codecs", default=None, help="comma-separated codec names (default: all)")
+    codecs.add_argument("--num-prompts", type=int, default=4)
+    codecs.add_argument("--prefix-tokens", type=int, default=512)
+    codecs.add_argument("--chunk-size", type=int, default=128)
+    codecs.add_argument("--continuation-tokens", type=int, default=128)
+    codecs.add_argument("--generate-tokens", type=int, default=16)
+    codecs.add_argument("--out", default="out/codecs")
+    codecs.set_defaults(handler=run_codecs_bench)
+
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -155,6 +165,36 @@ def run_redis_bench(args: argparse.Namespace) -> int:
     print()
     print(redis_table(summary))
     print(f"\nwrote {out / 'summary.json'}")
+    return 0
+
+
+def run_codecs_bench(args: argparse.Namespace) -> int:
+    from kvshelf.bench.codecs import codecs_table, run_codec_bench
+    from kvshelf.bench.documents import stdlib_corpus
+    from kvshelf.bench.report import plot_codecs
+    from kvshelf.codecs import CODECS
+    from kvshelf.models import load_bundled
+
+    names = args.codecs.split(",") if args.codecs else list(CODECS)
+    unknown = sorted(set(names) - set(CODECS))
+    if unknown:
+        raise ValueError(f"unknown codec(s) {', '.join(unknown)}; known: {', '.join(CODECS)}")
+    print("loading the bundled model ...", file=sys.stderr)
+    model, tokenizer = load_bundled()
+    token_ids = tokenizer(stdlib_corpus(), add_special_tokens=False)["input_ids"]
+    summary = run_codec_bench(
+        model, token_ids, names, args.num_prompts, args.prefix_tokens, args.chunk_size,
+        args.continuation_tokens, args.generate_tokens,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_codecs(summary, out / "codecs.png")
+    print(json.dumps(summary, indent=2))
+    print()
+    print(codecs_table(summary))
+    print(f"\nwrote {out / 'summary.json'} and {out / 'codecs.png'}")
     return 0
 
 

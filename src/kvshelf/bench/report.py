@@ -128,3 +128,20 @@ def plot_ttft(labels: dict[str, str], ttft_s: dict[str, float], title: str, path
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_codecs(summary: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, result in summary["codecs"].items():
+        axis.scatter(result["bits_per_value"], (result["perplexity_vs_exact"] - 1) * 100)
+        axis.annotate(name, (result["bits_per_value"], (result["perplexity_vs_exact"] - 1) * 100),
+                      textcoords="offset points", xytext=(4, 4))
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("stored bits per value (log scale)")
+    axis.set_ylabel("perplexity vs exact KV (%)")
+    axis.axhline(0, color="grey", linewidth=0.5)
+    axis.set_title("KV codecs on the bundled model: size vs quality")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,144 @@
+"""`kvshelf bench codecs`: size, speed and quality of every codec on real KV of the bundled model.
+
+For each of `num_prompts` windows of real prose, the prefix's exact KV is computed once, cut into
+chunks and, per codec, framed and unframed chunk by chunk as the shelf would. Quality is measured
+on the decoded KV against the exact KV, side by side:
+
+- perplexity of the next `continuation_tokens` tokens of the text, given the prefix's KV;
+- greedy agreement: `generate_tokens` tokens decoded greedily after the prefix, compared with
+  those the exact KV gives (positions that agree, and prompts whose tokens all agree).
+
+Sizes are framed bytes per token; speeds are MB/s of raw (float32) KV.
+"""
+
+import math
+import time
+
+import torch
+from transformers import DynamicCache
+
+from kvshelf.codecs import CODECS, CODECS_BY_ID, frame, unframe
+from kvshelf.integrations.hf import cache_to_canonical
+
+KEY = bytes(32)
+
+
+def run_codec_bench(
+    model,
+    token_ids: list[int],
+    codec_names: list[str],
+    num_prompts: int,
+    prefix_tokens: int,
+    chunk_size: int,
+    continuation_tokens: int,
+    generate_tokens: int,
+    progress=print,
+) -> dict:
+    window = prefix_tokens + continuation_tokens
+    prompts = [token_ids[index * window : (index + 1) * window] for index in range(num_prompts)]
+    exact = []
+    for index, prompt in enumerate(prompts):
+        progress(f"exact KV of prompt {index + 1}/{num_prompts}")
+        kv = prefix_kv(model, prompt[:prefix_tokens])
+        exact.append({"kv": kv, "nll": nll(model, kv, prompt[prefix_tokens:]),
+                      "greedy": greedy(model, kv, prompt[prefix_tokens], generate_tokens)})
+    results = {}
+    for name in dict.fromkeys(["raw", "int8", *codec_names]):  # raw and int8: the references for sizes
+        progress(f"codec {name}")
+        results[name] = measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, generate_tokens)
+    exact_nll = sum(entry["nll"] for entry in exact) / len(exact)
+    for result in results.values():
+        result["perplexity_vs_exact"] = result["perplexity"] / math.exp(exact_nll)
+        result["ratio_vs_raw"] = results["raw"]["bytes_per_token"] / result["bytes_per_token"]
+        result["ratio_vs_int8"] = results["int8"]["bytes_per_token"] / result["bytes_per_token"]
+    return {
+        "num_prompts": num_prompts,
+        "prefix_tokens": prefix_tokens,
+        "chunk_size": chunk_size,
+        "continuation_tokens": continuation_tokens,
+        "generate_tokens": generate_tokens,
+        "exact_perplexity": math.exp(exact_nll),
+        "codecs": results,
+    }
+
+
+def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, generate_tokens) -> dict:
+    codec = CODECS[name]
+    num_bytes = encode_s = decode_s = raw_bytes = 0
+    nlls, agreeing_tokens, identical = [], 0, 0
+    for prompt, reference in zip(prompts, exact):
+        decoded_chunks = []
+        for begin in range(0, prefix_tokens, chunk_size):
+            chunk = reference["kv"][:, :, begin : begin + chunk_size].contiguous()
+            started_s = time.perf_counter()
+            blob = frame(chunk, KEY, codec)
+            encode_s += time.perf_counter() - started_s
+            started_s = time.perf_counter()
+            decoded_chunks.append(unframe(blob, KEY, CODECS_BY_ID))
+            decode_s += time.perf_counter() - started_s
+            num_bytes += len(blob)
+            raw_bytes += chunk.nbytes
+        decoded = torch.cat(decoded_chunks, dim=2)
+        nlls.append(nll(model, decoded, prompt[prefix_tokens:]))
+        tokens = greedy(model, decoded, prompt[prefix_tokens], generate_tokens)
+        agreeing_tokens += sum(a == b for a, b in zip(tokens, reference["greedy"]))
+        identical += tokens == reference["greedy"]
+    return {
+        "bytes_per_token": num_bytes / (len(prompts) * prefix_tokens),
+        "bits_per_value": num_bytes * 8 / (raw_bytes / 4),
+        "encode_mb_s": raw_bytes / encode_s / 1e6,
+        "decode_mb_s": raw_bytes / decode_s / 1e6,
+        "perplexity": math.exp(sum(nlls) / len(nlls)),
+        "greedy_token_agreement": agreeing_tokens / (len(prompts) * generate_tokens),
+        "greedy_identical_prompts": identical / len(prompts),
+    }
+
+
+def cache_of(kv: torch.Tensor) -> DynamicCache:
+    """A DynamicCache holding `kv` (layers, 2, tokens, kv_heads, head_dim)."""
+    cache = DynamicCache()
+    for layer, layer_kv in enumerate(kv):
+        cache.update(layer_kv[0].transpose(0, 1).unsqueeze(0), layer_kv[1].transpose(0, 1).unsqueeze(0), layer)
+    return cache
+
+
+@torch.no_grad()
+def prefix_kv(model, token_ids: list[int]) -> torch.Tensor:
+    cache = DynamicCache()
+    model(torch.tensor([token_ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache_to_canonical(cache, 0, len(token_ids))
+
+
+@torch.no_grad()
+def nll(model, kv: torch.Tensor, continuation: list[int]) -> float:
+    """Mean negative log-likelihood of `continuation[1:]` given the prefix's `kv` and `continuation[0]`."""
+    logits = model(torch.tensor([continuation]), past_key_values=cache_of(kv), use_cache=True).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(continuation[1:])).item()
+
+
+@torch.no_grad()
+def greedy(model, kv: torch.Tensor, next_token: int, num_tokens: int) -> list[int]:
+    cache, tokens = cache_of(kv), []
+    for _ in range(num_tokens):
+        logits = model(torch.tensor([[next_token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        next_token = int(torch.argmax(logits))
+        tokens.append(next_token)
+    return tokens
+
+
+def codecs_table(summary: dict) -> str:
+    lines = [
+        f"{summary['num_prompts']} prompts, {summary['prefix_tokens']}-token prefixes in {summary['chunk_size']}-token "
+        f"chunks; exact perplexity {summary['exact_perplexity']:.3f}",
+        "",
+        f"{'codec':<14}{'bits/value':>11}{'vs raw':>8}{'vs int8':>8}{'enc MB/s':>10}{'dec MB/s':>10}"
+        f"{'ppl':>9}{'vs exact':>9}{'greedy':>8}{'same':>6}",
+    ]
+    for name, result in summary["codecs"].items():
+        lines.append(
+            f"{name:<14}{result['bits_per_value']:>11.2f}{result['ratio_vs_raw']:>7.1f}x{result['ratio_vs_int8']:>7.2f}x"
+            f"{result['encode_mb_s']:>10.0f}{result['decode_mb_s']:>10.0f}{result['perplexity']:>9.3f}"
+            f"{result['perplexity_vs_exact'] - 1:>+9.1%}{result['greedy_token_agreement']:>8.0%}"
+            f"{result['greedy_identical_prompts']:>6.0%}"
+        )
+    return "\n".join(lines)
