@@ -98,14 +98,17 @@ def test_lossy_round_trip_within_the_stated_bound(name, dtype, num_tokens):
 
 @pytest.mark.parametrize("name", LOSSY)
 def test_constant_and_zero_chunks_round_trip(name):
+    codec = get_codec(name)
     for kv in (torch.zeros(2, 2, 4, 3, 64), torch.full((2, 2, 4, 3, 64), -1.5)):
-        assert torch.allclose(unframe(frame(kv, KEY, get_codec(name)), KEY, CODECS_BY_ID), kv, atol=1e-3)
+        decoded = unframe(frame(kv, KEY, codec), KEY, CODECS_BY_ID)
+        assert decoded.isfinite().all() and ((decoded - kv).abs() <= codec.error_bound(kv) + 1e-6).all()
 
 
 def test_sizes_per_value():
     kv = torch.randn(30, 2, 128, 3, 64)
     bits = {name: len(get_codec(name).encode(kv)) * 8 / kv.numel() for name in CODECS}
     assert bits["raw"] == 32 and 8 < bits["int8"] < 8.6 and 8 < bits["fp8"] < 8.6 and 3 < bits["kivi2"] < 3.1
+    assert bits["cachegen"] < bits["kivi2"] + 2  # random data has no structure to exploit; real KV does better
 
 
 class _Verbatim(type(RAW)):
@@ -137,7 +140,7 @@ def test_arbitrary_payloads_decode_or_raise_corrupt_chunk(name, shape, payload):
 @given(st.sampled_from(LOSSY), st.integers(1, 40), st.data())
 def test_truncated_payloads_raise_corrupt_chunk(name, num_tokens, data):
     codec = get_codec(name)
-    kv = torch.randn(2, 2, num_tokens, 3, 64)
+    kv = torch.randn(2, 2, num_tokens, 3, 64, generator=torch.Generator().manual_seed(num_tokens))
     payload = bytes(codec.encode(kv))
     cut = data.draw(st.integers(0, len(payload) - 1))
     with pytest.raises(CorruptChunk):

@@ -1,0 +1,200 @@
+"""`cachegen`: KV quantized per channel, optionally as deltas against anchor tokens, then
+entropy-coded with the `constriction` library's range coder (after CacheGen, SIGCOMM 2024).
+
+Each (layer, key or value) is one stream of tokens x channels. With anchor groups of G tokens,
+every G-th token is an anchor, quantized directly with a finer step, and the others are coded
+as their difference from their group's (decoded) anchor. Each channel's values are divided by
+that channel's RMS (stored as one byte, a power of 2^(1/8)), so one step size, a multiple of
+the RMS, suits every channel; keys and values get their own step, since attention scores
+suffer more from key error. Symbols are coded with one categorical model per (layer, key or
+value, anchor or delta): each channel is scaled alike, so one table serves them all, and a
+chunk carries 120 small tables (for a 30-layer model) instead of one per channel.
+
+The error bound is half a step per element (steps are products of stored, exactly decodable
+numbers, so decoding reproduces the encoder's arithmetic).
+"""
+
+import math
+import struct
+
+import constriction
+import numpy as np
+import torch
+
+from kvshelf.codecs.base import Codec
+from kvshelf.errors import CorruptChunk
+
+_HEADER = struct.Struct("<BBHff")  # version, anchor group size, reserved, key step, value step
+_TABLE = struct.Struct("<iI")  # lowest symbol, number of symbols
+_VERSION = 1
+_SCALE_OFFSET, _SCALE_RESOLUTION = 160, 8  # scale = 2 ** ((byte - 160) / 8): from 2^-20 to 2^12
+_MAX_SYMBOLS = 1 << 16
+
+
+class CachegenCodec(Codec):
+    name = "cachegen"
+    id = 5
+    lossless = False
+
+    def __init__(self, key_step: float = 0.25, value_step: float = 0.5, anchor_group: int = 8) -> None:
+        self.key_step, self.value_step, self.anchor_group = key_step, value_step, anchor_group
+
+    # -- the arithmetic both directions share ---------------------------------------------------
+
+    @staticmethod
+    def _steps(key_step: float, value_step: float, scale_bytes: torch.Tensor, part: int) -> torch.Tensor:
+        """Step per (layer, key or value, channel) of one part (0 anchors, 1 deltas): the channel's
+        scale times the key or value step; anchors get half the step, as their error carries into
+        their whole group."""
+        kind_steps = torch.tensor([key_step, value_step], dtype=torch.float32).view(1, 2, 1)
+        return _scales_of(scale_bytes) * kind_steps * (0.5 if part == 0 else 1.0)
+
+    @staticmethod
+    def _layout(num_tokens: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which tokens are anchors, and each token's anchor (with no groups: none, and itself)."""
+        if group == 0:
+            return torch.zeros(num_tokens, dtype=torch.bool), torch.arange(num_tokens)
+        positions = torch.arange(num_tokens)
+        return positions % group == 0, positions // group * group
+
+    # -- encode ------------------------------------------------------------------------------------
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        layers, _, tokens, heads, dim = kv.shape
+        x = kv.detach().to(torch.float32).reshape(layers, 2, tokens, heads * dim)
+        anchors, anchor_of = self._layout(tokens, self.anchor_group)
+        anchor_scales = _scale_bytes(x[:, :, anchors])
+        anchor_steps = self._steps(self.key_step, self.value_step, anchor_scales, 0).unsqueeze(2)
+        anchor_codes = (x[:, :, anchors] / anchor_steps).round()
+        # Deltas against the decoded anchors, so that decoding rebuilds exactly what was measured here.
+        decoded = torch.zeros_like(x)
+        decoded[:, :, anchors] = anchor_codes * anchor_steps
+        deltas = x[:, :, ~anchors] - decoded[:, :, anchor_of[~anchors]]
+        delta_scales = _scale_bytes(deltas)
+        delta_codes = (deltas / self._steps(self.key_step, self.value_step, delta_scales, 1).unsqueeze(2)).round()
+
+        parts = [_HEADER.pack(_VERSION, self.anchor_group, 0, self.key_step, self.value_step),
+                 anchor_scales.numpy().tobytes(), delta_scales.numpy().tobytes()]
+        encoder = constriction.stream.queue.RangeEncoder()
+        for layer in range(layers):
+            for kind in range(2):
+                for codes in (anchor_codes[layer, kind], delta_codes[layer, kind]):
+                    parts.append(_encode_stream(encoder, codes.to(torch.int64).flatten().numpy()))
+        compressed = encoder.get_compressed()
+        parts += [struct.pack("<I", len(compressed)), compressed.tobytes()]
+        return b"".join(parts)
+
+    # -- decode ------------------------------------------------------------------------------------
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if len(shape) != 5 or len(payload) < _HEADER.size:
+            raise CorruptChunk(f"cachegen payload of {len(payload)} bytes cannot hold shape {shape}")
+        version, group, _, key_step, value_step = _HEADER.unpack_from(payload)
+        if version != _VERSION or not (math.isfinite(key_step) and math.isfinite(value_step)):
+            raise CorruptChunk(f"cachegen payload version {version} with steps {key_step}, {value_step}")
+        layers, _, tokens, heads, dim = shape
+        channels = heads * dim
+        anchors, anchor_of = self._layout(tokens, group)
+        offset, steps = _HEADER.size, []
+        for part in range(2):
+            scale_bytes, offset = _take(payload, offset, layers * 2 * channels)
+            scale_bytes = torch.from_numpy(scale_bytes.copy()).view(layers, 2, channels)
+            steps.append(self._steps(key_step, value_step, scale_bytes, part))
+        tables = []
+        for _ in range(layers * 4):
+            table, offset = _read_table(payload, offset)
+            tables.append(table)
+        words, offset = _read_words(payload, offset)
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        rows = (int(anchors.sum()), int((~anchors).sum()))
+        x = torch.empty(layers, 2, tokens, channels)
+        for stream in range(layers * 2):
+            layer, kind = divmod(stream, 2)
+            for part, mask in enumerate((anchors, ~anchors)):
+                codes = _decode_stream(decoder, tables[stream * 2 + part], rows[part] * channels)
+                x[layer, kind, mask] = codes.view(rows[part], channels) * steps[part][layer, kind]
+            if group:
+                x[layer, kind, ~anchors] += x[layer, kind, anchor_of[~anchors]]
+        return x.view(shape).to(dtype)
+
+    def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
+        """Half a step; a delta's decoded value also carries its anchor's error."""
+        layers, _, tokens, heads, dim = kv.shape
+        payload, channels = memoryview(self.encode(kv)), heads * dim
+        anchors, _ = self._layout(tokens, self.anchor_group)
+        steps = []
+        for part in range(2):
+            scale_bytes, _ = _take(payload, _HEADER.size + part * layers * 2 * channels, layers * 2 * channels)
+            steps.append(self._steps(self.key_step, self.value_step, torch.from_numpy(scale_bytes.copy()).view(
+                layers, 2, channels), part))
+        bound = torch.empty(layers, 2, tokens, channels)
+        bound[:, :, anchors] = (steps[0] / 2).unsqueeze(2)
+        bound[:, :, ~anchors] = ((steps[1] + steps[0] * anchors.any()) / 2).unsqueeze(2)
+        return (bound * (1 + 1e-4) + 1e-7).view(kv.shape)
+
+
+def _scale_bytes(values: torch.Tensor) -> torch.Tensor:
+    """Each channel's RMS over the tokens of `values` (layers, 2, tokens, channels), as one byte."""
+    if values.shape[2] == 0:
+        return torch.full((values.shape[0], 2, values.shape[3]), _SCALE_OFFSET, dtype=torch.uint8)
+    rms = values.pow(2).mean(2).sqrt().clamp_min(2.0**-20)
+    return (torch.log2(rms) * _SCALE_RESOLUTION + _SCALE_OFFSET).round().clamp(0, 255).to(torch.uint8)
+
+
+def _read_words(payload: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    if offset + 4 > len(payload):
+        raise CorruptChunk("cachegen payload ends before its compressed stream")
+    (num_words,) = struct.unpack_from("<I", payload, offset)
+    if offset + 4 + num_words * 4 != len(payload):
+        raise CorruptChunk("cachegen payload's compressed stream does not end where the payload does")
+    return np.frombuffer(payload, dtype=np.uint32, count=num_words, offset=offset + 4).copy(), len(payload)
+
+
+def _scales_of(scale_bytes: torch.Tensor) -> torch.Tensor:
+    return torch.exp2((scale_bytes.to(torch.float32) - _SCALE_OFFSET) / _SCALE_RESOLUTION)
+
+
+def _take(payload: memoryview, offset: int, count: int) -> tuple[np.ndarray, int]:
+    if offset + count > len(payload):
+        raise CorruptChunk(f"cachegen payload of {len(payload)} bytes ends early")
+    return np.frombuffer(payload, dtype=np.uint8, count=count, offset=offset), offset + count
+
+
+def _model(counts: np.ndarray):
+    return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+
+
+def _encode_stream(encoder, symbols: np.ndarray) -> bytes:
+    """Code `symbols` with a table of their own counts; returns that table, to be stored."""
+    if symbols.size == 0:
+        return _TABLE.pack(0, 0)
+    lowest = int(symbols.min())
+    counts = np.bincount(symbols - lowest).astype(np.uint32)
+    if len(counts) > _MAX_SYMBOLS:
+        raise ValueError(f"cachegen cannot code {len(counts)} distinct levels; use a larger step")
+    if len(counts) > 1:
+        encoder.encode((symbols - lowest).astype(np.int32), _model(counts.astype(np.float64)))
+    return _TABLE.pack(lowest, len(counts)) + counts.tobytes()
+
+
+def _read_table(payload: memoryview, offset: int) -> tuple[tuple[int, np.ndarray], int]:
+    if offset + _TABLE.size > len(payload):
+        raise CorruptChunk("cachegen payload ends inside a table")
+    lowest, num_symbols = _TABLE.unpack_from(payload, offset)
+    offset += _TABLE.size
+    if num_symbols > _MAX_SYMBOLS or offset + num_symbols * 4 > len(payload):
+        raise CorruptChunk(f"cachegen table of {num_symbols} symbols does not fit the payload")
+    counts = np.frombuffer(payload, dtype=np.uint32, count=num_symbols, offset=offset)
+    return (lowest, counts), offset + num_symbols * 4
+
+
+def _decode_stream(decoder, table: tuple[int, np.ndarray], count: int) -> torch.Tensor:
+    lowest, counts = table
+    if count == 0:
+        return torch.zeros(0)
+    if counts.sum() != count:
+        raise CorruptChunk(f"cachegen table counts {int(counts.sum())} symbols, the shape needs {count}")
+    if len(counts) == 1:
+        return torch.full((count,), float(lowest))
+    symbols = decoder.decode(_model(counts.astype(np.float64)), count)
+    return torch.from_numpy(symbols.astype(np.float32) + lowest)
