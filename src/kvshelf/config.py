@@ -51,7 +51,8 @@ class MemoryConfig:
 class DiskConfig:
     path: Path
     size_bytes: int = 20 * 2**30
-    codec: str = "raw"
+    codec: str = "raw"  # or "auto": see codec_budget_ms
+    codec_budget_ms: float = 100.0  # with codec auto: the load time per chunk to stay within
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class RedisConfig:
     username: str | None = None  # override the URL's; the password is best kept out of the URL
     password: str | None = None
     codec: str = "raw"
+    codec_budget_ms: float = 100.0
     ttl_s: float | None = None  # expiry of each chunk, refreshed by every read; None: Redis's eviction only
     connect_timeout_s: float = 1.0
     timeout_s: float = 1.0  # per socket operation; a slower Redis counts as failed
@@ -152,7 +154,8 @@ def _build(values: dict[str, Any]) -> ShelfConfig:
     _check_fits_ram(memory.size_bytes)
     disk = None
     if "disk.path" in parsed:
-        disk_fields = {"size_bytes": parsed.get("disk.size"), "codec": parsed.get("disk.codec")}
+        disk_fields = {"size_bytes": parsed.get("disk.size"), "codec": parsed.get("disk.codec"),
+                       "codec_budget_ms": parsed.get("disk.codec_budget_ms")}
         disk = DiskConfig(parsed["disk.path"], **{k: v for k, v in disk_fields.items() if v is not None})
         _check_writable(disk.path)
         _check_fits_disk(disk)
@@ -169,6 +172,9 @@ def _build(values: dict[str, Any]) -> ShelfConfig:
             )
     else:
         _check_section_enabled(parsed, "redis", "url")
+    for section in ("disk", "redis"):
+        if f"{section}.codec_budget_ms" in parsed and parsed.get(f"{section}.codec") != "auto":
+            raise ConfigError(f"{section}.codec_budget_ms only applies to {section}.codec: auto; set both or neither")
     top = {key: parsed[key] for key in ("chunk_size", "writer_queue_size", "tier_backoff_s") if key in parsed}
     return ShelfConfig(memory=memory, disk=disk, redis=redis, **top)
 
@@ -272,8 +278,8 @@ def _key_prefix(key: str, value: Any) -> str:
 
 
 def _codec(key: str, value: Any) -> str:
-    if value not in CODECS:
-        raise ConfigError(f"{key} must be one of {sorted(CODECS)}, got {value!r}")
+    if value not in CODECS and value != "auto":
+        raise ConfigError(f"{key} must be auto or one of {sorted(CODECS)}, got {value!r}")
     return value
 
 
@@ -316,11 +322,13 @@ KEYS = {
     "disk.path": _path,
     "disk.size": _size,
     "disk.codec": _codec,
+    "disk.codec_budget_ms": _positive_float,
     "redis.url": _redis_urls,
     "redis.cluster": _boolean,
     "redis.username": _text,
     "redis.password": _text,
     "redis.codec": _codec,
+    "redis.codec_budget_ms": _positive_float,
     "redis.ttl_s": _positive_float,
     "redis.connect_timeout_s": _positive_float,
     "redis.timeout_s": _positive_float,

@@ -1,14 +1,21 @@
 """Codecs by name and by stored id."""
 
 from kvshelf.codecs.base import Codec
-from kvshelf.codecs.cachegen import CachegenCodec
-from kvshelf.codecs.framing import frame, frame_parts, unframe
+from kvshelf.codecs.cachegen import LEVELS, CachegenCodec
+from kvshelf.codecs.framing import codec_id_of, frame, frame_parts, unframe
 from kvshelf.codecs.quantized import Fp8Codec, Int8Codec, Kivi2Codec
 from kvshelf.codecs.raw import RawCodec
 
 CODECS: dict[str, Codec] = {
     codec.name: codec
-    for codec in (RawCodec(), Int8Codec(), Int8Codec(per_channel=True), Fp8Codec(), Kivi2Codec(), CachegenCodec())
+    for codec in (
+        RawCodec(),
+        Int8Codec(),
+        Int8Codec(per_channel=True),
+        Fp8Codec(),
+        Kivi2Codec(),
+        *(CachegenCodec(name, *steps) for name, steps in LEVELS.items()),
+    )
 }
 # One decoder per id: a codec's variants share its id and are told apart by their payloads.
 CODECS_BY_ID: dict[int, Codec] = {codec.id: codec for codec in reversed(CODECS.values())}
@@ -20,4 +27,4 @@ def get_codec(name: str) -> Codec:
     return CODECS[name]
 
 
-__all__ = ["CODECS", "CODECS_BY_ID", "Codec", "frame", "frame_parts", "get_codec", "unframe"]
+__all__ = ["CODECS", "CODECS_BY_ID", "Codec", "codec_id_of", "frame", "frame_parts", "get_codec", "unframe"]

@@ -15,6 +15,7 @@ class Codec(ABC):
     name: str
     id: int
     lossless: bool = True
+    expected_ratio: float = 1.0  # stored bytes per float32 byte, before any is measured (for codec: auto)
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> bytes | memoryview:

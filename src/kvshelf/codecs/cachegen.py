@@ -29,15 +29,22 @@ _TABLE = struct.Struct("<iI")  # lowest symbol, number of symbols
 _VERSION = 1
 _SCALE_OFFSET, _SCALE_RESOLUTION = 160, 8  # scale = 2 ** ((byte - 160) / 8): from 2^-20 to 2^12
 _MAX_SYMBOLS = 1 << 16
+# Quality levels, finest first: (key step, value step) in channel RMS units, anchor groups of 8.
+# Measured on the bundled model (`kvshelf bench codecs`, 4 prompts, 512-token prefixes):
+# bits per value and perplexity against exact KV below, and in the README.
+LEVELS = {"cachegen-fine": (0.15, 0.3), "cachegen": (0.25, 0.5), "cachegen-small": (0.5, 1.0)}
+EXPECTED_BITS = {"cachegen-fine": 4.6, "cachegen": 3.9, "cachegen-small": 2.9}
 
 
 class CachegenCodec(Codec):
-    name = "cachegen"
+    """`key_step` and `value_step` are in units of each channel's RMS; see LEVELS."""
+
     id = 5
     lossless = False
 
-    def __init__(self, key_step: float = 0.25, value_step: float = 0.5, anchor_group: int = 8) -> None:
-        self.key_step, self.value_step, self.anchor_group = key_step, value_step, anchor_group
+    def __init__(self, name: str, key_step: float, value_step: float, anchor_group: int = 8) -> None:
+        self.name, self.key_step, self.value_step, self.anchor_group = name, key_step, value_step, anchor_group
+        self.expected_ratio = EXPECTED_BITS[name] / 32 if name in EXPECTED_BITS else 0.125
 
     # -- the arithmetic both directions share ---------------------------------------------------
 

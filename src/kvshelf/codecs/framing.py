@@ -39,6 +39,11 @@ def frame_parts(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> list[bytes
     return [prefix + _CHECKSUM.pack(checksum.intdigest()), payload]
 
 
+def codec_id_of(blob: bytes | bytearray | memoryview) -> int:
+    """The codec id in a stored object's header (which unframe has checked)."""
+    return blob[5]
+
+
 def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> bytes:
     """The stored object as one bytes object (for tools and tests)."""
     return b"".join(frame_parts(kv, key_digest, codec))

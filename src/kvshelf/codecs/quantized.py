@@ -52,6 +52,7 @@ class Int8Codec(Codec):
 
     id = 2
     lossless = False
+    expected_ratio = 8.5 / 32
     _PER_TOKEN, _PER_CHANNEL = 0, 1
 
     def __init__(self, per_channel: bool = False) -> None:
@@ -93,6 +94,7 @@ class Fp8Codec(Codec):
     name = "fp8"
     id = 3
     lossless = False
+    expected_ratio = 8.5 / 32
 
     @staticmethod
     def _scales(x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +133,7 @@ class Kivi2Codec(Codec):
     name = "kivi2"
     id = 4
     lossless = False
+    expected_ratio = 3 / 32
     BITS = 2
     LEVELS = 2**BITS - 1
 

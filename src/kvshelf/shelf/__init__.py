@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from kvshelf.codecs import get_codec
 from kvshelf.config import RedisConfig, ShelfConfig, load_config
 from kvshelf.errors import ConfigError, TierUnavailable
 from kvshelf.keys import ChunkKey, MMHashes, Namespace, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
+from kvshelf.shelf.codec_choice import CodecChoice
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
 from kvshelf.tiers.disk import DiskTier
@@ -49,7 +49,7 @@ class Shelf:
         lower = []
         if self.config.disk is not None:
             disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes)
-            lower.append(LowerTier(disk, get_codec(self.config.disk.codec)))
+            lower.append(LowerTier(disk, CodecChoice.of(self.config.disk.codec, self.config.disk.codec_budget_ms)))
         if self.config.redis is not None:
             lower.append(self._connect_redis(self.config.redis))
         counters = ShelfCounters()
@@ -61,7 +61,8 @@ class Shelf:
     def _connect_redis(self, config: RedisConfig) -> LowerTier:
         """The redis tier; one that cannot be reached is an error, or with on_start_failure=warn a
         tier that starts out backing off and is tried again after each back-off period."""
-        slot = LowerTier(RedisTier(config, self.config.tier_backoff_s), get_codec(config.codec))
+        codecs = CodecChoice.of(config.codec, config.codec_budget_ms)
+        slot = LowerTier(RedisTier(config, self.config.tier_backoff_s), codecs)
         try:
             slot.tier.connect()
         except TierUnavailable as exc:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from prometheus_client import Histogram
 
-from kvshelf.codecs import CODECS_BY_ID, Codec, frame_parts, unframe
+from kvshelf.codecs import CODECS_BY_ID, codec_id_of, frame_parts, unframe
 from kvshelf.errors import CorruptChunk, TierUnavailable
 from kvshelf.keys import ChunkKey, Namespace
 from kvshelf.metrics import ShelfCounters
+from kvshelf.shelf.codec_choice import CodecChoice
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
 from kvshelf.tiers.memory import MemoryTier, tensor_bytes
 
@@ -30,7 +31,7 @@ WRITE_GROUP_BYTES = 64 * 2**20
 @dataclass(slots=True)
 class LowerTier:
     tier: Tier
-    codec: Codec
+    codecs: CodecChoice
     down_until_s: float = 0.0
 
     @property
@@ -86,14 +87,18 @@ class TierStack:
         return prefix
 
     def _read(self, slot: LowerTier, keys: list[ChunkKey]) -> list[torch.Tensor | None]:
+        started_s = time.perf_counter()
         blobs = self._guarded(slot, [None] * len(keys), slot.tier.get_many, keys)
+        slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
         for key, blob in zip(keys, blobs):
             chunk = None
             if blob is not None:
                 try:
+                    started_s = time.perf_counter()
                     chunk = unframe(blob, key.digest, CODECS_BY_ID)
+                    slot.codecs.note_decoded(codec_id_of(blob), chunk.nbytes, time.perf_counter() - started_s)
                     self._counters.loaded_bytes[slot.tier.name] += len(blob)
                 except CorruptChunk as exc:
                     logger.warning("kvshelf: dropping damaged chunk %s from %s: %s", key.hex, slot.tier.name, exc)
@@ -125,7 +130,9 @@ class TierStack:
         # at once, and each group's buffers are reused for the next, not freshly faulted in.
         group: list[tuple[ChunkKey, Parts]] = []
         for index, (key, chunk) in enumerate(new_items):
-            group.append((key, frame_parts(chunk, key.digest, slot.codec)))
+            codec = slot.codecs.choose(chunk.nbytes)
+            group.append((key, frame_parts(chunk, key.digest, codec)))
+            slot.codecs.note_encoded(codec, chunk.nbytes, parts_bytes(group[-1][1]))
             group_bytes = sum(parts_bytes(parts) for _, parts in group)
             if group_bytes >= WRITE_GROUP_BYTES or index == len(new_items) - 1:
                 slot.tier.put_many(group)
