@@ -8,15 +8,20 @@ on the decoded KV against the exact KV, side by side:
 - greedy agreement: `generate_tokens` tokens decoded greedily after the prefix, compared with
   those the exact KV gives (positions that agree, and prompts whose tokens all agree).
 
-Sizes are framed bytes per token; speeds are MB/s of raw (float32) KV.
+Sizes are framed bytes per token; speeds are MB/s of raw (float32) KV. Load against recompute:
+each codec's chunks of the first prompt are written to files, dropped from the page cache, then
+read and decoded one by one; recomputing is the exact prefill's time per chunk.
 """
 
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from kvshelf.bench.long_doc_qa import drop_page_cache
 from kvshelf.codecs import CODECS, CODECS_BY_ID, frame, unframe
 from kvshelf.integrations.hf import cache_to_canonical
 
@@ -36,21 +41,25 @@ def run_codec_bench(
 ) -> dict:
     window = prefix_tokens + continuation_tokens
     prompts = [token_ids[index * window : (index + 1) * window] for index in range(num_prompts)]
-    exact = []
+    exact, prefill_s = [], 0.0
     for index, prompt in enumerate(prompts):
         progress(f"exact KV of prompt {index + 1}/{num_prompts}")
+        started_s = time.perf_counter()
         kv = prefix_kv(model, prompt[:prefix_tokens])
+        prefill_s += time.perf_counter() - started_s
         exact.append({"kv": kv, "nll": nll(model, kv, prompt[prefix_tokens:]),
                       "greedy": greedy(model, kv, prompt[prefix_tokens], generate_tokens)})
     results = {}
     for name in dict.fromkeys(["raw", "int8", *codec_names]):  # raw and int8: the references for sizes
         progress(f"codec {name}")
         results[name] = measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, generate_tokens)
+    recompute_s = prefill_s / (num_prompts * prefix_tokens / chunk_size)
     exact_nll = sum(entry["nll"] for entry in exact) / len(exact)
     for result in results.values():
         result["perplexity_vs_exact"] = result["perplexity"] / math.exp(exact_nll)
         result["ratio_vs_raw"] = results["raw"]["bytes_per_token"] / result["bytes_per_token"]
         result["ratio_vs_int8"] = results["int8"]["bytes_per_token"] / result["bytes_per_token"]
+        result["recompute_vs_disk_load"] = recompute_s / result["disk_load_s_per_chunk"]
     return {
         "num_prompts": num_prompts,
         "prefix_tokens": prefix_tokens,
@@ -58,6 +67,7 @@ def run_codec_bench(
         "continuation_tokens": continuation_tokens,
         "generate_tokens": generate_tokens,
         "exact_perplexity": math.exp(exact_nll),
+        "recompute_s_per_chunk": recompute_s,
         "codecs": results,
     }
 
@@ -65,7 +75,7 @@ def run_codec_bench(
 def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, generate_tokens) -> dict:
     codec = CODECS[name]
     num_bytes = encode_s = decode_s = raw_bytes = 0
-    nlls, agreeing_tokens, identical = [], 0, 0
+    nlls, agreeing_tokens, identical, blobs = [], 0, 0, []
     for prompt, reference in zip(prompts, exact):
         decoded_chunks = []
         for begin in range(0, prefix_tokens, chunk_size):
@@ -78,12 +88,14 @@ def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, genera
             decode_s += time.perf_counter() - started_s
             num_bytes += len(blob)
             raw_bytes += chunk.nbytes
+            blobs.append(blob)
         decoded = torch.cat(decoded_chunks, dim=2)
         nlls.append(nll(model, decoded, prompt[prefix_tokens:]))
         tokens = greedy(model, decoded, prompt[prefix_tokens], generate_tokens)
         agreeing_tokens += sum(a == b for a, b in zip(tokens, reference["greedy"]))
         identical += tokens == reference["greedy"]
     return {
+        "disk_load_s_per_chunk": disk_load_s(blobs[: prefix_tokens // chunk_size]),
         "bytes_per_token": num_bytes / (len(prompts) * prefix_tokens),
         "bits_per_value": num_bytes * 8 / (raw_bytes / 4),
         "encode_mb_s": raw_bytes / encode_s / 1e6,
@@ -92,6 +104,19 @@ def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, genera
         "greedy_token_agreement": agreeing_tokens / (len(prompts) * generate_tokens),
         "greedy_identical_prompts": identical / len(prompts),
     }
+
+
+def disk_load_s(blobs: list[bytes]) -> float:
+    """Seconds per chunk to read `blobs` back from files out of the page cache, and decode them."""
+    with tempfile.TemporaryDirectory(prefix="kvshelf-codecs-") as directory:
+        paths = [Path(directory) / f"{index}.kvs" for index in range(len(blobs))]
+        for path, blob in zip(paths, blobs):
+            path.write_bytes(blob)
+        drop_page_cache(paths)
+        started_s = time.perf_counter()
+        for path in paths:
+            unframe(path.read_bytes(), KEY, CODECS_BY_ID)
+        return (time.perf_counter() - started_s) / len(paths)
 
 
 def cache_of(kv: torch.Tensor) -> DynamicCache:
@@ -129,16 +154,18 @@ def greedy(model, kv: torch.Tensor, next_token: int, num_tokens: int) -> list[in
 def codecs_table(summary: dict) -> str:
     lines = [
         f"{summary['num_prompts']} prompts, {summary['prefix_tokens']}-token prefixes in {summary['chunk_size']}-token "
-        f"chunks; exact perplexity {summary['exact_perplexity']:.3f}",
+        f"chunks; exact perplexity {summary['exact_perplexity']:.3f}; recomputing a chunk takes "
+        f"{summary['recompute_s_per_chunk'] * 1000:.0f} ms",
         "",
         f"{'codec':<14}{'bits/value':>11}{'vs raw':>8}{'vs int8':>8}{'enc MB/s':>10}{'dec MB/s':>10}"
-        f"{'ppl':>9}{'vs exact':>9}{'greedy':>8}{'same':>6}",
+        f"{'ppl':>9}{'vs exact':>9}{'greedy':>8}{'same':>6}{'load ms':>9}{'vs recompute':>13}",
     ]
     for name, result in summary["codecs"].items():
         lines.append(
             f"{name:<14}{result['bits_per_value']:>11.2f}{result['ratio_vs_raw']:>7.1f}x{result['ratio_vs_int8']:>7.2f}x"
             f"{result['encode_mb_s']:>10.0f}{result['decode_mb_s']:>10.0f}{result['perplexity']:>9.3f}"
             f"{result['perplexity_vs_exact'] - 1:>+9.1%}{result['greedy_token_agreement']:>8.0%}"
-            f"{result['greedy_identical_prompts']:>6.0%}"
+            f"{result['greedy_identical_prompts']:>6.0%}{result['disk_load_s_per_chunk'] * 1000:>9.1f}"
+            f"{result['recompute_vs_disk_load']:>12.1f}x"
         )
     return "\n".join(lines)
