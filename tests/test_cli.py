@@ -121,3 +121,8 @@ def test_a_redis_that_is_not_there_is_a_clear_message(capsys):
 def test_serve_refuses_a_bad_config_before_starting_vllm(capsys):
     assert main(["serve", "--memory-size", "lots"]) == 2
     assert "memory.size must be a size like" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_redis_it_cannot_reach_before_starting_vllm(capsys):
+    assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    assert "cannot reach Redis at 127.0.0.1:1" in capsys.readouterr().err

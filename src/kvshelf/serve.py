@@ -11,6 +11,8 @@ from pathlib import Path
 
 from kvshelf.integrations.vllm.context import shelf_config
 from kvshelf.models import bundled_model_dir, default_home
+from kvshelf.shelf import connect_redis
+from kvshelf.tiers.redis import RedisTier
 
 DEFAULT_KV_CACHE_SPACE_GIB = "2"
 # vLLM's block size on the CPU: a hit then reaches to the last whole block of the prompt, as
@@ -19,20 +21,30 @@ DEFAULT_CHUNK_SIZE = 128
 
 
 def connector_extra_config(
-    config_file: str | None, disk_path: str | None, memory_size: str | None, chunk_size: int | None
+    config_file: str | None,
+    disk_path: str | None,
+    memory_size: str | None,
+    chunk_size: int | None,
+    redis_url: str | None = None,
 ) -> dict:
-    """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts.
+    """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts
+    (a Redis that cannot be reached too, unless redis.on_start_failure is warn).
 
     Without a config file, the defaults are a memory tier and a disk tier under KVSHELF_HOME, and
     128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise).
     """
-    extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size}
+    extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size,
+             "redis.url": redis_url}
     extra = {key: value for key, value in extra.items() if value is not None}
     if config_file is None:
         extra.setdefault("disk.path", str(default_home() / "disk"))
         if "KVSHELF_CHUNK_SIZE" not in os.environ:
             extra.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
-    shelf_config(extra)
+    config = shelf_config(extra)
+    if config.redis is not None and config.redis.on_start_failure == "error":
+        tier = RedisTier(config.redis, config.tier_backoff_s)
+        connect_redis(tier)
+        tier.close()
     return extra
 
 

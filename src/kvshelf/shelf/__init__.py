@@ -26,6 +26,17 @@ from kvshelf.tiers.redis import RedisTier
 logger = logging.getLogger(__name__)
 
 
+def connect_redis(tier: RedisTier) -> None:
+    """Connect `tier`; failing, raise ConfigError (on_start_failure: error) or TierUnavailable (warn)."""
+    try:
+        tier.connect()
+    except TierUnavailable as exc:
+        if tier.config.on_start_failure == "warn":
+            raise
+        tier.close()
+        raise ConfigError(f"redis tier: {exc}; or set redis.on_start_failure: warn to start without it") from exc
+
+
 @dataclass(slots=True)
 class LoadResult:
     num_tokens: int  # tokens in `chunks`, which hold tokens [start, start + num_tokens)
@@ -64,13 +75,8 @@ class Shelf:
         codecs = CodecChoice.of(config.codec, config.codec_budget_ms)
         slot = LowerTier(RedisTier(config, self.config.tier_backoff_s), codecs)
         try:
-            slot.tier.connect()
+            connect_redis(slot.tier)
         except TierUnavailable as exc:
-            if config.on_start_failure == "error":
-                slot.tier.close()
-                raise ConfigError(
-                    f"redis tier: {exc}; or set redis.on_start_failure: warn to start without it"
-                ) from exc
             logger.warning("kvshelf: redis tier: %s; starting without it, retrying every %.1f s",
                            exc, self.config.tier_backoff_s)
             slot.down_until_s = time.monotonic() + self.config.tier_backoff_s
