@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from kvshelf.blend.engine import Blender, BlendSettings, BlendStats, split_prompt
 from kvshelf.keys import Namespace
 from kvshelf.layout import DTYPE_NAMES, KVLayout
 from kvshelf.shelf import Shelf
@@ -33,6 +34,7 @@ class GenerationResult:
     ttft_s: float  # from the call to the first output token, load included
     load_s: float  # shelf -> DynamicCache
     first_logits: torch.Tensor = field(repr=False)  # (vocab,) logits of the first output token
+    blend: BlendStats | None = None  # in blend mode: reused, recomputed and fresh tokens
 
     @property
     def computed_tokens(self) -> int:
@@ -102,10 +104,55 @@ class HFEngine:
         top_p: float = 1.0,
         seed: int | None = None,
         cache_salt: str | None = None,
+        blend: BlendSettings | None = None,
     ) -> GenerationResult:
-        """Generate up to `max_new_tokens` (stopping at EOS); greedy when temperature is 0."""
+        """Generate up to `max_new_tokens` (stopping at EOS); greedy when temperature is 0.
+
+        With `blend`, the prompt (a string split at `blend.separator`, or a list of segments
+        ending with the question) reuses each segment's stored KV wherever it stands; see
+        kvshelf.blend.engine.
+        """
         started_s = time.perf_counter()
-        token_ids = self.prompt_ids(prompt)
+        namespace = self.namespace(cache_salt)
+        blend_stats = None
+        if blend is None:
+            token_ids = self.prompt_ids(prompt)
+            self._check_lengths(token_ids, max_new_tokens)
+            cache, hit_tokens = self.load_prefix(token_ids, namespace)
+            load_s = time.perf_counter() - started_s
+            logits = self._forward(token_ids[hit_tokens:], cache)
+
+            def after_first_token() -> None:
+                self._save_prompt(token_ids, cache, hit_tokens, namespace)
+        else:
+            blender = Blender(self, blend)
+            layout = split_prompt(self.tokenizer, prompt, blend)
+            token_ids = layout.token_ids
+            self._check_lengths(token_ids, max_new_tokens)
+            prefilled, missing, load_s = blender.prefill(layout, namespace)
+            cache, logits = prefilled.cache, prefilled.last_logits
+            hit_tokens = prefilled.num_reused + prefilled.num_recomputed
+            blend_stats = BlendStats(prefilled.num_reused, prefilled.num_recomputed, prefilled.num_fresh, len(missing))
+
+            def after_first_token() -> None:
+                blender.store_segments(missing, namespace)
+
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        next_id = pick_token(logits, temperature, top_p, generator)
+        ttft_s = time.perf_counter() - started_s
+        after_first_token()
+        output_ids = [next_id]
+        first_logits = logits
+        while len(output_ids) < max_new_tokens and next_id not in self._eos_ids():
+            logits = self._forward([next_id], cache)
+            next_id = pick_token(logits, temperature, top_p, generator)
+            output_ids.append(next_id)
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        return GenerationResult(
+            text, output_ids, len(token_ids), hit_tokens, ttft_s, load_s, first_logits, blend_stats
+        )
+
+    def _check_lengths(self, token_ids: list[int], max_new_tokens: int) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
@@ -116,26 +163,13 @@ class HFEngine:
                 f"prompt ({len(token_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {max_tokens} tokens; shorten the prompt or lower max_new_tokens"
             )
-        namespace = self.namespace(cache_salt)
-        cache, hit_tokens = self.load_prefix(token_ids, namespace)
-        load_s = time.perf_counter() - started_s
-        logits = self._forward(token_ids[hit_tokens:], cache)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        next_id = pick_token(logits, temperature, top_p, generator)
-        ttft_s = time.perf_counter() - started_s
-        self._save_prompt(token_ids, cache, hit_tokens, namespace)
-        output_ids = [next_id]
-        first_logits = logits
-        while len(output_ids) < max_new_tokens and next_id not in self._eos_ids():
-            logits = self._forward([next_id], cache)
-            next_id = pick_token(logits, temperature, top_p, generator)
-            output_ids.append(next_id)
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        return GenerationResult(text, output_ids, len(token_ids), hit_tokens, ttft_s, load_s, first_logits)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
 
     def load_prefix(self, token_ids: list[int], namespace: Namespace) -> tuple[DynamicCache, int]:
         """A DynamicCache holding the longest usable cached prefix of `token_ids`, and its length."""
-        cache = DynamicCache(config=self.model.config)
+        cache = self.new_cache()
         if self.shelf is None:
             return cache, 0
         chunk_size = self.shelf.chunk_size
