@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     codecs.add_argument("--out", default="out/codecs")
     codecs.set_defaults(handler=run_codecs_bench)
 
+    rag = benches.add_parser("rag", help="CacheBlend on RAG prompts: TTFT and accuracy vs full prefill")
+    rag.add_argument("--num-docs", type=int, default=4, help="documents per prompt")
+    rag.add_argument("--doc-tokens", type=int, default=512)
+    rag.add_argument("--num-prompts", type=int, default=8)
+    rag.add_argument("--ratios", default="0,0.05,0.15,0.3", help="recompute ratios, comma-separated")
+    rag.add_argument("--out", default="out/rag")
+    rag.set_defaults(handler=run_rag_bench)
+
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -196,6 +204,28 @@ def run_codecs_bench(args: argparse.Namespace) -> int:
     print()
     print(codecs_table(summary))
     print(f"\nwrote {out / 'summary.json'} and {out / 'codecs.png'}")
+    return 0
+
+
+def run_rag_bench(args: argparse.Namespace) -> int:
+    from kvshelf.bench.documents import stdlib_corpus
+    from kvshelf.bench.rag import RagSpec, rag_table, run_rag
+    from kvshelf.bench.report import plot_rag
+    from kvshelf.models import load_bundled
+
+    spec = RagSpec(args.num_docs, args.doc_tokens, args.num_prompts, tuple(float(r) for r in args.ratios.split(",")))
+    print("loading the bundled model ...", file=sys.stderr)
+    model, tokenizer = load_bundled()
+    token_ids = tokenizer(stdlib_corpus(), add_special_tokens=False)["input_ids"]
+    summary = run_rag(model, tokenizer, token_ids, spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_rag(summary, out / "rag.png")
+    print(json.dumps({key: value for key, value in summary.items() if key != "records"}, indent=2))
+    print()
+    print(rag_table(summary))
+    print(f"\nwrote {out / 'summary.json'} and {out / 'rag.png'}")
     return 0
 
 

@@ -145,3 +145,18 @@ def plot_codecs(summary: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_rag(summary: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for setup, row in summary["setups"].items():
+        axis.scatter(row["mean_ttft_s"] * 1000, row["accuracy"] * 100)
+        axis.annotate(setup, (row["mean_ttft_s"] * 1000, row["accuracy"] * 100), textcoords="offset points",
+                      xytext=(4, 4))
+    axis.set_xlabel("mean TTFT (ms)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title("RAG prompts on the bundled model: TTFT vs accuracy")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
