@@ -69,8 +69,8 @@ def make_prompts(documents: list[Document], spec: RagSpec, rng: random.Random) -
         gold = documents[index % len(documents)]
         others = rng.sample([doc for doc in documents if doc is not gold], spec.num_docs - 1)
         others.insert(index % spec.num_docs, gold)  # the gold document at every place in turn
-        archive = f"the access code of the {gold.name} archive"
-        question = f"Question: What is {archive}?\nAnswer: {archive.capitalize()} is"
+        archive = f"access code of the {gold.name} archive"
+        question = f"Question: What is the {archive}?\nAnswer: The {archive} is"
         prompts.append(([INSTRUCTION, *(doc.text for doc in others), question], gold))
     return prompts
 
