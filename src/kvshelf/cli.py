@@ -150,14 +150,31 @@ def _long_doc_qa(spec) -> int:
 
     print("loading the bundled model (converted once on first use) ...", file=sys.stderr)
     summary = long_doc_qa.run(spec, progress=lambda items, desc: tqdm(items, desc=desc, file=sys.stderr))
-    out = Path(spec.work_dir)
+    return _report(Path(spec.work_dir), summary, long_doc_qa_table(summary), {"long-doc-qa.png": plot_long_doc_qa})
+
+
+def _report(out: Path, summary: dict, table: str, plots: dict | None = None, leave_out=("records",)) -> int:
+    """Write summary.json and the plots (file name -> plot(summary, path)); print the summary and table."""
+    plots = plots or {}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_long_doc_qa(summary, out / "long-doc-qa.png")
-    print(json.dumps({key: value for key, value in summary.items() if key != "records"}, indent=2))
+    for name, plot in plots.items():
+        plot(summary, out / name)
+    print(json.dumps({key: value for key, value in summary.items() if key not in leave_out}, indent=2))
     print()
-    print(long_doc_qa_table(summary))
-    print(f"\nwrote {out / 'summary.json'} and {out / 'long-doc-qa.png'}")
+    print(table)
+    print(f"\nwrote {' and '.join(str(out / name) for name in ['summary.json', *plots])}")
     return 0
+
+
+def _bundled_corpus():
+    """The bundled model, its tokenizer, and the benchmark corpus as token ids."""
+    from kvshelf.bench.documents import stdlib_corpus
+    from kvshelf.models import load_bundled
+
+    print("loading the bundled model ...", file=sys.stderr)
+    model, tokenizer = load_bundled()
+    return model, tokenizer, tokenizer(stdlib_corpus(), add_special_tokens=False)["input_ids"]
 
 
 def run_redis_bench(args: argparse.Namespace) -> int:
@@ -169,64 +186,35 @@ def run_redis_bench(args: argparse.Namespace) -> int:
         out, args.num_chunks, args.chunk_tokens, args.repeats, args.num_docs, args.doc_tokens,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({key: value for key, value in summary.items() if key != "ttft"}, indent=2))
-    print()
-    print(redis_table(summary))
-    print(f"\nwrote {out / 'summary.json'}")
-    return 0
+    return _report(out, summary, redis_table(summary), leave_out=("ttft",))
 
 
 def run_codecs_bench(args: argparse.Namespace) -> int:
     from kvshelf.bench.codecs import codecs_table, run_codec_bench
-    from kvshelf.bench.documents import stdlib_corpus
     from kvshelf.bench.report import plot_codecs
     from kvshelf.codecs import CODECS
-    from kvshelf.models import load_bundled
 
     names = args.codecs.split(",") if args.codecs else list(CODECS)
     unknown = sorted(set(names) - set(CODECS))
     if unknown:
         raise ValueError(f"unknown codec(s) {', '.join(unknown)}; known: {', '.join(CODECS)}")
-    print("loading the bundled model ...", file=sys.stderr)
-    model, tokenizer = load_bundled()
-    token_ids = tokenizer(stdlib_corpus(), add_special_tokens=False)["input_ids"]
+    model, _, token_ids = _bundled_corpus()
     summary = run_codec_bench(
         model, token_ids, names, args.num_prompts, args.prefix_tokens, args.chunk_size,
         args.continuation_tokens, args.generate_tokens,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_codecs(summary, out / "codecs.png")
-    print(json.dumps(summary, indent=2))
-    print()
-    print(codecs_table(summary))
-    print(f"\nwrote {out / 'summary.json'} and {out / 'codecs.png'}")
-    return 0
+    return _report(Path(args.out), summary, codecs_table(summary), {"codecs.png": plot_codecs}, leave_out=())
 
 
 def run_rag_bench(args: argparse.Namespace) -> int:
-    from kvshelf.bench.documents import stdlib_corpus
     from kvshelf.bench.rag import RagSpec, rag_table, run_rag
     from kvshelf.bench.report import plot_rag
-    from kvshelf.models import load_bundled
 
     spec = RagSpec(args.num_docs, args.doc_tokens, args.num_prompts, tuple(float(r) for r in args.ratios.split(",")))
-    print("loading the bundled model ...", file=sys.stderr)
-    model, tokenizer = load_bundled()
-    token_ids = tokenizer(stdlib_corpus(), add_special_tokens=False)["input_ids"]
+    model, tokenizer, token_ids = _bundled_corpus()
     summary = run_rag(model, tokenizer, token_ids, spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_rag(summary, out / "rag.png")
-    print(json.dumps({key: value for key, value in summary.items() if key != "records"}, indent=2))
-    print()
-    print(rag_table(summary))
-    print(f"\nwrote {out / 'summary.json'} and {out / 'rag.png'}")
-    return 0
+    return _report(Path(args.out), summary, rag_table(summary), {"rag.png": plot_rag})
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ answer, and agreement with full prefill (identical answers).
 import random
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kvshelf.blend.engine import BlendSettings, split_prompt
 from kvshelf.config import load_config
@@ -101,7 +101,7 @@ def run_rag(model, tokenizer, token_ids: list[int], spec: RagSpec, progress=prin
             correct, f1 = score(result.text, gold.code)
             records[setup].append({"ttft_s": result.ttft_s, "hit_tokens": result.hit_tokens, "text": result.text,
                                    "output_ids": result.output_ids,
-                                   "correct": correct, "f1": f1, "blend": result.blend and vars_of(result.blend)})
+                                   "correct": correct, "f1": f1, "blend": result.blend and asdict(result.blend)})
 
     reference = HFEngine(model, tokenizer, None, BUNDLED_MODEL_ID)
     measure("full_prefill", lambda segments, ids: reference.generate(ids, spec.max_new_tokens))
@@ -125,18 +125,15 @@ def run_rag(model, tokenizer, token_ids: list[int], spec: RagSpec, progress=prin
     return summarize(spec, records)
 
 
-def vars_of(stats) -> dict:
-    return {name: getattr(stats, name) for name in stats.__slots__}
-
-
 def summarize(spec: RagSpec, records: dict[str, list[dict]]) -> dict:
     reference = records["full_prefill"]
+    reference_ttft_s = mean_ttft_s(reference)
     setups = {}
     for setup, rows in records.items():
-        ttft_s = sum(row["ttft_s"] for row in rows) / len(rows)
+        ttft_s = mean_ttft_s(rows)
         setups[setup] = {
             "mean_ttft_s": ttft_s,
-            "ttft_vs_full_prefill": setups_ttft(reference) / ttft_s,
+            "ttft_vs_full_prefill": reference_ttft_s / ttft_s,
             "accuracy": sum(row["correct"] for row in rows) / len(rows),
             "f1": sum(row["f1"] for row in rows) / len(rows),
             "agreement_with_full_prefill": sum(
@@ -146,7 +143,7 @@ def summarize(spec: RagSpec, records: dict[str, list[dict]]) -> dict:
     return {"spec": vars(spec) | {"ratios": list(spec.ratios)}, "setups": setups, "records": records}
 
 
-def setups_ttft(rows: list[dict]) -> float:
+def mean_ttft_s(rows: list[dict]) -> float:
     return sum(row["ttft_s"] for row in rows) / len(rows)
 
 

@@ -65,10 +65,7 @@ def plot_long_doc_qa(summary: dict, path: Path) -> None:
     right.set_ylabel("ms per document prefix")
     right.set_title("load path vs physical limit")
     right.tick_params(axis="x", labelrotation=20)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def compare_table(summary: dict) -> str:
@@ -106,10 +103,7 @@ def plot_compare(summary: dict, path: Path) -> None:
         axis.bar_label(bars, labels=[f"{value:.2f}" if value < 10 else f"{value:.0f}" for value in values])
         axis.set_title(title)
         axis.tick_params(axis="x", labelrotation=15)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_ttft(labels: dict[str, str], ttft_s: dict[str, float], title: str, path: Path) -> None:
@@ -124,38 +118,42 @@ def plot_ttft(labels: dict[str, str], ttft_s: dict[str, float], title: str, path
     axis.set_xlabel("mean TTFT (ms, log scale)")
     axis.invert_yaxis()
     axis.set_title(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_codecs(summary: dict, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for name, result in summary["codecs"].items():
-        axis.scatter(result["bits_per_value"], (result["perplexity_vs_exact"] - 1) * 100)
-        axis.annotate(name, (result["bits_per_value"], (result["perplexity_vs_exact"] - 1) * 100),
-                      textcoords="offset points", xytext=(4, 4))
+    points = {
+        name: (result["bits_per_value"], (result["perplexity_vs_exact"] - 1) * 100)
+        for name, result in summary["codecs"].items()
+    }
+    figure, axis = _labelled_scatter(points)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("stored bits per value (log scale)")
     axis.set_ylabel("perplexity vs exact KV (%)")
     axis.axhline(0, color="grey", linewidth=0.5)
     axis.set_title("KV codecs on the bundled model: size vs quality")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_rag(summary: dict, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for setup, row in summary["setups"].items():
-        axis.scatter(row["mean_ttft_s"] * 1000, row["accuracy"] * 100)
-        axis.annotate(setup, (row["mean_ttft_s"] * 1000, row["accuracy"] * 100), textcoords="offset points",
-                      xytext=(4, 4))
+    points = {setup: (row["mean_ttft_s"] * 1000, row["accuracy"] * 100) for setup, row in summary["setups"].items()}
+    figure, axis = _labelled_scatter(points)
     axis.set_xlabel("mean TTFT (ms)")
     axis.set_ylabel("accuracy (%)")
     axis.set_title("RAG prompts on the bundled model: TTFT vs accuracy")
+    _save(figure, path)
+
+
+def _labelled_scatter(points: dict[str, tuple[float, float]]):
+    """One labelled dot per entry of `points` (label -> (x, y))."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, (x, y) in points.items():
+        axis.scatter(x, y)
+        axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4))
+    return figure, axis
+
+
+def _save(figure, path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -129,15 +129,17 @@ class TierStack:
         # Framed in groups of about WRITE_GROUP_BYTES: a long prompt's chunks are never all copied
         # at once, and each group's buffers are reused for the next, not freshly faulted in.
         group: list[tuple[ChunkKey, Parts]] = []
+        group_bytes = 0
         for index, (key, chunk) in enumerate(new_items):
             codec = slot.codecs.choose(chunk.nbytes)
-            group.append((key, frame_parts(chunk, key.digest, codec)))
-            slot.codecs.note_encoded(codec, chunk.nbytes, parts_bytes(group[-1][1]))
-            group_bytes = sum(parts_bytes(parts) for _, parts in group)
+            parts = frame_parts(chunk, key.digest, codec)
+            slot.codecs.note_encoded(codec, chunk.nbytes, parts_bytes(parts))
+            group.append((key, parts))
+            group_bytes += parts_bytes(parts)
             if group_bytes >= WRITE_GROUP_BYTES or index == len(new_items) - 1:
                 slot.tier.put_many(group)
                 self._counters.stored_bytes[slot.tier.name] += group_bytes
-                group = []
+                group, group_bytes = [], 0
         return True
 
     def _guarded(self, slot: LowerTier, fallback: Any, operation: Callable[..., Any], *args: Any) -> Any:

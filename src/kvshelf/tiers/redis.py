@@ -37,14 +37,14 @@ from redis.retry import Retry
 from kvshelf.config import RedisConfig
 from kvshelf.errors import TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey, Namespace
-from kvshelf.tiers.base import Parts, Tier, parts_bytes
+from kvshelf.tiers.base import Parts, Tier
+from kvshelf.tiers.redis_wire import send_commands
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE_FIELD = "namespace"
 USAGE_REFRESH_S = 1.0
 SCAN_BATCH = 512
-SMALL_PART_BYTES = 64 * 2**10  # parts below this are copied into the command; larger ones are sent in place
 # A Redis that restarted leaves dead pooled connections: retry once, at once, on a fresh one.
 _RETRY_ONCE = Retry(NoBackoff(), 1)
 
@@ -277,7 +277,7 @@ class RedisTier(Tier[bytes]):
         ttl_args = [b"PX", str(self._ttl_ms).encode()] if self._ttl_ms else []
 
         def send_sets(client: redis.Redis, indices: list[int]) -> list[Any]:
-            return _send_commands(client, [[b"SET", names[i], items[i][1], *ttl_args] for i in indices])
+            return send_commands(client, [[b"SET", names[i], items[i][1], *ttl_args] for i in indices])
 
         self._per_node_batch(names, send_sets)
 
@@ -378,48 +378,6 @@ class RedisTier(Tier[bytes]):
         if self._cluster is not None:
             self._cluster.close()
         self._nodes, self._cluster, self._pool = {}, None, None
-
-
-def _send_commands(client: redis.Redis, commands: list[list[bytes | Parts]]) -> list[Any]:
-    """Pipelined commands whose arguments may be Parts, sent as they are.
-
-    redis-py would copy each value twice (to bytes, then into the packed command): several MB per
-    chunk. Here a value's parts go to the socket from where they lie. A dead pooled connection (the
-    server restarted) is retried once on a fresh one; every command here may safely run twice.
-    """
-    packed: list[bytes | memoryview] = []
-    for command in commands:
-        head = b"*%d\r\n" % len(command)
-        for argument in command:
-            parts = [argument] if isinstance(argument, bytes) else argument
-            head += b"$%d\r\n" % parts_bytes(parts)
-            for part in parts:
-                if memoryview(part).nbytes < SMALL_PART_BYTES:
-                    head += part
-                else:
-                    packed += [head, part]
-                    head = b""
-            head += b"\r\n"
-        packed.append(head)
-    for attempt in range(2):
-        connection = client.connection_pool.get_connection()
-        try:
-            connection.send_packed_command(packed)
-            return [_read_reply(connection) for _ in commands]
-        except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()
-            if attempt:
-                raise
-        finally:
-            client.connection_pool.release(connection)
-    raise AssertionError("not reached")
-
-
-def _read_reply(connection: Any) -> Any:
-    try:
-        return connection.read_response()
-    except ResponseError as exc:  # an error reply (OOM, MOVED): the next replies follow as usual
-        return exc
 
 
 def _failed(outcome: Any) -> bool:
