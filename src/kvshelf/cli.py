@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--memory-size", help="memory tier budget, e.g. 2GiB")
     serve.add_argument("--chunk-size", type=int, help="tokens per chunk (a multiple of vLLM's block size)")
     serve.add_argument("--redis-url", help="a Redis shared by every instance: redis://[user:password@]host:port/db")
+    serve.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
+                       help="prefill/decode disaggregation: a prefill instance hands each prompt's KV to a decode one")
+    serve.add_argument("--receive-address", help="decode role: accept KV pushed by prefill instances, tcp://host:port")
+    serve.add_argument("--lookup-address", help="answer a KV-aware router's lookups (kvshelf proxy), tcp://host:port")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` arguments")
     serve.set_defaults(handler=run_serve)
 
@@ -221,10 +225,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvshelf.serve import connector_extra_config, exec_vllm, vllm_serve_argv
 
     extra_config = connector_extra_config(
-        args.config, args.disk_path, args.memory_size, args.chunk_size, args.redis_url
+        args.config, args.disk_path, args.memory_size, args.chunk_size, args.redis_url,
+        args.receive_address, args.lookup_address,
     )
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
-    exec_vllm(vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args))
+    exec_vllm(vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args, args.role))
     return 0  # not reached
 
 

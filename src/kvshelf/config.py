@@ -9,6 +9,8 @@ Later sources win: defaults < file < environment < keywords. Keys are dotted pat
     memory: {size: 2GiB}
     disk: {path: ~/.cache/kvshelf/disk, size: 20GiB, codec: raw}   # omit for no disk tier
     redis: {url: "redis://:secret@host:6379/0", ttl_s: 86400}       # omit for no redis tier
+    pd: {receive_address: "tcp://0.0.0.0:5600", inbox_size: 2GiB}   # prefill/decode transfer
+    lookup_address: "tcp://0.0.0.0:5700"                             # for a KV-aware router
 """
 
 import os
@@ -73,6 +75,20 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class PDConfig:
+    """Prefill/decode disaggregation: how KV moves from a prefill instance to a decode instance."""
+
+    # Decode side: where to accept pushed KV (tcp://host:port); None: receive nothing directly.
+    receive_address: str | None = None
+    inbox_size_bytes: int = 2**30  # pushed KV waiting for its request; a full inbox refuses pushes
+    inbox_ttl_s: float = 60.0  # pushed KV whose request has not come by then is dropped
+    # Prefill side: where to push when a request does not say (kv_transfer_params.kvshelf.push_to);
+    # None: through the shared tiers only.
+    push_to: str | None = None
+    push_timeout_s: float = 5.0  # a push not done by then is given up; the decode side recomputes
+
+
+@dataclass(frozen=True)
 class ShelfConfig:
     chunk_size: int = 256
     writer_queue_size: int = 64
@@ -80,6 +96,9 @@ class ShelfConfig:
     memory: MemoryConfig = MemoryConfig()
     disk: DiskConfig | None = None
     redis: RedisConfig | None = None
+    pd: PDConfig = PDConfig()
+    # Where a KV-aware router asks how much of a prompt this instance holds (tcp://host:port).
+    lookup_address: str | None = None
 
 
 def load_config(
@@ -175,8 +194,12 @@ def _build(values: dict[str, Any]) -> ShelfConfig:
     for section in ("disk", "redis"):
         if f"{section}.codec_budget_ms" in parsed and parsed.get(f"{section}.codec") != "auto":
             raise ConfigError(f"{section}.codec_budget_ms only applies to {section}.codec: auto; set both or neither")
-    top = {key: parsed[key] for key in ("chunk_size", "writer_queue_size", "tier_backoff_s") if key in parsed}
-    return ShelfConfig(memory=memory, disk=disk, redis=redis, **top)
+    pd_names = {"receive_address": "receive_address", "inbox_size": "inbox_size_bytes",
+                "inbox_ttl_s": "inbox_ttl_s", "push_to": "push_to", "push_timeout_s": "push_timeout_s"}
+    pd = PDConfig(**{field: parsed[f"pd.{key}"] for key, field in pd_names.items() if f"pd.{key}" in parsed})
+    top_keys = ("chunk_size", "writer_queue_size", "tier_backoff_s", "lookup_address")
+    top = {key: parsed[key] for key in top_keys if key in parsed}
+    return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, **top)
 
 
 def _check_section_enabled(parsed: dict[str, Any], section: str, enabling_key: str) -> None:
@@ -277,6 +300,13 @@ def _key_prefix(key: str, value: Any) -> str:
     return text
 
 
+def _zmq_address(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"tcp://[^\s:/]+:\d{1,5}|ipc://\S+", text):
+        raise ConfigError(f"{key} must be tcp://host:port (or ipc://path), got {value!r}")
+    return text
+
+
 def _codec(key: str, value: Any) -> str:
     if value not in CODECS and value != "auto":
         raise ConfigError(f"{key} must be auto or one of {sorted(CODECS)}, got {value!r}")
@@ -334,5 +364,11 @@ KEYS = {
     "redis.timeout_s": _positive_float,
     "redis.on_start_failure": _on_start_failure,
     "redis.key_prefix": _key_prefix,
+    "pd.receive_address": _zmq_address,
+    "pd.inbox_size": _size,
+    "pd.inbox_ttl_s": _positive_float,
+    "pd.push_to": _zmq_address,
+    "pd.push_timeout_s": _positive_float,
+    "lookup_address": _zmq_address,
 }
 _REDIS_FIELDS = [key.removeprefix("redis.") for key in KEYS if key.startswith("redis.") and key != "redis.url"]

@@ -2,6 +2,10 @@
 
 key_{-1} = H(namespace), key_i = H(key_{i-1} || tokens_i [|| multimodal hashes in chunk i]),
 with tokens as little-endian int32. Deterministic across processes and machines.
+
+A prompt's trailing partial chunk (its "tail") has a key only when asked for: prefill/decode
+transfer ships it, so the decode instance recomputes only the last token. The tail's key hashes
+a marker too, so it can never equal a full chunk's key.
 """
 
 import json
@@ -17,6 +21,7 @@ from kvshelf.layout import KVLayout
 NAMESPACE_ID_CHARS = 16
 # (token position, content hash) of each multimodal input in a prompt.
 MMHashes = Sequence[tuple[int, bytes]]
+TAIL_MARKER = b"kvshelf-tail\0"
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,9 @@ def chunk_keys(
     namespace: Namespace,
     chunk_size: int,
     mm_hashes: MMHashes = (),
+    tail: bool = False,
 ) -> list[ChunkKey]:
-    """Keys of every full chunk of `token_ids` (a trailing partial chunk gets none).
+    """Keys of every full chunk of `token_ids`, and with `tail` of the trailing partial chunk if any.
 
     `mm_hashes` are (token position, content hash) pairs of multimodal inputs; each is mixed
     into the chunk its position falls in, so an image changes that chunk's key and all later ones.
@@ -94,10 +100,14 @@ def chunk_keys(
         mm_by_chunk.setdefault(position // chunk_size, []).append(content_hash)
     chunk_bytes = chunk_size * 4
     num_chunks = len(token_ids) // chunk_size
+    if tail and len(token_ids) % chunk_size:
+        num_chunks += 1
     previous = namespace.digest
     keys = []
     for index in range(num_chunks):
         hasher = blake3.blake3(previous)
+        if (index + 1) * chunk_size > len(token_ids):
+            hasher.update(TAIL_MARKER)
         hasher.update(tokens_le[index * chunk_bytes : (index + 1) * chunk_bytes])
         for content_hash in mm_by_chunk.get(index, ()):
             hasher.update(content_hash)

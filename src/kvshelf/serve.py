@@ -20,12 +20,18 @@ DEFAULT_KV_CACHE_SPACE_GIB = "2"
 DEFAULT_CHUNK_SIZE = 128
 
 
+# `kvshelf serve --role` -> vLLM's kv_role.
+KV_ROLES = {"both": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}
+
+
 def connector_extra_config(
     config_file: str | None,
     disk_path: str | None,
     memory_size: str | None,
     chunk_size: int | None,
     redis_url: str | None = None,
+    receive_address: str | None = None,
+    lookup_address: str | None = None,
 ) -> dict:
     """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts
     (a Redis that cannot be reached too, unless redis.on_start_failure is warn).
@@ -34,7 +40,7 @@ def connector_extra_config(
     128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise).
     """
     extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size,
-             "redis.url": redis_url}
+             "redis.url": redis_url, "pd.receive_address": receive_address, "lookup_address": lookup_address}
     extra = {key: value for key, value in extra.items() if value is not None}
     if config_file is None:
         extra.setdefault("disk.path", str(default_home() / "disk"))
@@ -48,11 +54,13 @@ def connector_extra_config(
     return extra
 
 
-def vllm_serve_argv(model: str | None, host: str, port: int, extra_config: dict, vllm_args: list[str]) -> list[str]:
+def vllm_serve_argv(
+    model: str | None, host: str, port: int, extra_config: dict, vllm_args: list[str], role: str = "both"
+) -> list[str]:
     transfer_config = {
         "kv_connector": "KVShelfConnector",
         "kv_connector_module_path": "kvshelf.integrations.vllm",
-        "kv_role": "kv_both",
+        "kv_role": KV_ROLES[role],
         "kv_connector_extra_config": extra_config,
     }
     model_path = model or str(bundled_model_dir())

@@ -2,8 +2,10 @@
 
     python vllm_runner.py JOB_JSON   ->  last stdout line: RESULT [{"output_ids": [...], "num_cached_tokens": N}, ...]
 
-JOB_JSON: {"extra_config": {...} or null (no kvshelf), "requests": [STEP, ...], "barrier_dir": "..."}, where STEP is
-    {"prompt_token_ids": [...], "cache_salt": "..."}  one request, run alone
+JOB_JSON: {"extra_config": {...} or null (no kvshelf), "kv_role": "kv_both", "requests": [STEP, ...],
+"barrier_dir": "..."}, where STEP is
+    {"prompt_token_ids": [...], "cache_salt": "..."}  one request, run alone; optional "max_tokens" and
+                                                       "kv_transfer_params" (as a server's request would carry)
     {"batch": [request, ...]}                          requests run together (one result each)
     {"barrier": NAME}                                  create NAME.reached in barrier_dir, wait for NAME.go
 vLLM starts worker processes, so it must run under a __main__ guard, never at import.
@@ -29,7 +31,7 @@ def main(job: dict) -> list[dict]:
         transfer_config = {
             "kv_connector": "KVShelfConnector",
             "kv_connector_module_path": "kvshelf.integrations.vllm",
-            "kv_role": "kv_both",
+            "kv_role": job.get("kv_role", "kv_both"),
             "kv_connector_extra_config": job["extra_config"],
         }
     llm = LLM(
@@ -40,13 +42,21 @@ def main(job: dict) -> list[dict]:
         enable_prefix_caching=False,
         kv_transfer_config=transfer_config,
     )
-    sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
     results = []
     for step in job["requests"]:  # in order: each step sees what the previous ones saved
         if "barrier" in step:
             wait_at_barrier(Path(job["barrier_dir"]), step["barrier"])
             continue
-        outputs = llm.generate(step.get("batch", [step]), sampling, use_tqdm=False)
+        requests = step.get("batch", [step])
+        sampling = [
+            SamplingParams(max_tokens=request.get("max_tokens", MAX_NEW_TOKENS), temperature=0.0,
+                           extra_args={"kv_transfer_params": request["kv_transfer_params"]}
+                           if "kv_transfer_params" in request else None)
+            for request in requests
+        ]
+        prompts = [{key: request[key] for key in ("prompt_token_ids", "cache_salt") if key in request}
+                   for request in requests]
+        outputs = llm.generate(prompts, sampling, use_tqdm=False)
         results += [{"output_ids": list(out.outputs[0].token_ids), "num_cached_tokens": out.num_cached_tokens}
                     for out in outputs]
     return results
@@ -62,9 +72,12 @@ def wait_at_barrier(barrier_dir: Path, name: str, timeout_s: float = 600.0) -> N
         time.sleep(0.05)
 
 
-def start_engine(extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None) -> subprocess.Popen:
+def start_engine(
+    extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None, kv_role: str = "kv_both"
+) -> subprocess.Popen:
     """This script on a job, in a new process (for tests)."""
-    job = json.dumps({"extra_config": extra_config, "requests": requests, "barrier_dir": str(barrier_dir)})
+    job = json.dumps({"extra_config": extra_config, "requests": requests, "barrier_dir": str(barrier_dir),
+                      "kv_role": kv_role})
     return subprocess.Popen([sys.executable, __file__, job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -20,6 +20,7 @@ from kvshelf.shelf.codec_choice import CodecChoice
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
 from kvshelf.tiers.disk import DiskTier
+from kvshelf.tiers.inbox import InboxTier
 from kvshelf.tiers.memory import MemoryTier
 from kvshelf.tiers.redis import RedisTier
 
@@ -40,7 +41,8 @@ def connect_redis(tier: RedisTier) -> None:
 @dataclass(slots=True)
 class LoadResult:
     num_tokens: int  # tokens in `chunks`, which hold tokens [start, start + num_tokens)
-    # Each (layers, 2, chunk_size, kv_heads, head_dim), shared with the memory tier: read, never modify.
+    # Each (layers, 2, chunk_size, kv_heads, head_dim), the last possibly a shorter tail; shared
+    # with the memory tier: read, never modify.
     chunks: list[torch.Tensor]
     start: int = 0
 
@@ -58,6 +60,10 @@ class Shelf:
         self.config = config or ShelfConfig()
         self.chunk_size = self.config.chunk_size
         lower = []
+        self.inbox: InboxTier | None = None
+        if self.config.pd.receive_address is not None:
+            self.inbox = InboxTier(self.config.pd.inbox_size_bytes, self.config.pd.inbox_ttl_s)
+            lower.append(LowerTier(self.inbox, CodecChoice.of("raw", None), receives_writes=False))
         if self.config.disk is not None:
             disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes)
             lower.append(LowerTier(disk, CodecChoice.of(self.config.disk.codec, self.config.disk.codec_budget_ms)))
@@ -87,32 +93,54 @@ class Shelf:
         """A shelf configured from a YAML file, KVSHELF_* variables and keywords (see kvshelf.config)."""
         return cls(load_config(path, **overrides))
 
-    def lookup(self, token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes = ()) -> int:
-        """How many leading tokens are available (a multiple of chunk_size).
+    def lookup(
+        self,
+        token_ids: Sequence[int],
+        namespace: Namespace,
+        mm_hashes: MMHashes = (),
+        tail: bool = False,
+        count: bool = True,
+    ) -> int:
+        """How many leading tokens are available: a multiple of chunk_size, or with `tail` all of
+        `token_ids` when their trailing partial chunk was stored too (see `save_chunks`).
 
         `mm_hashes` are (token position, content hash) of multimodal inputs, as in `chunk_keys`.
+        Without `count`, the lookup is left out of the hit statistics (a router's probe).
         """
-        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes)
-        num_tokens = self._stack.contains_prefix(keys) * self.chunk_size
-        self.metrics.counters.lookup_tokens += len(token_ids)
-        self.metrics.counters.hit_tokens += num_tokens
+        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)
+        num_tokens = min(self._stack.contains_prefix(keys) * self.chunk_size, len(token_ids))
+        if count:
+            self.metrics.counters.lookup_tokens += len(token_ids)
+            self.metrics.counters.hit_tokens += num_tokens
         return num_tokens
 
     def load(
-        self, token_ids: Sequence[int], namespace: Namespace, upto: int, mm_hashes: MMHashes = (), start: int = 0
+        self,
+        token_ids: Sequence[int],
+        namespace: Namespace,
+        upto: int,
+        mm_hashes: MMHashes = (),
+        start: int = 0,
+        tail: bool = False,
     ) -> LoadResult:
         """KV of tokens [start, upto), or of fewer if some chunk is missing or damaged.
 
-        `start` and `upto` are rounded down to multiples of chunk_size; a caller that already holds
-        the first tokens' KV (an engine's own prefix cache) passes `start` to skip reading them.
-        Loaded chunks are promoted to memory.
+        `start` is rounded down to a multiple of chunk_size, and so is `upto` unless `tail`: then
+        a stored tail of `token_ids` (the whole prompt) is loaded too, and the result may hold
+        tokens beyond `upto` up to the chunk's end. A caller that already holds the first tokens'
+        KV (an engine's own prefix cache) passes `start` to skip reading them. Loaded chunks are
+        promoted to memory.
         """
         started_s = time.perf_counter()
         first_chunk = start // self.chunk_size
-        keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size, mm_hashes)[first_chunk:]
+        if tail:
+            num_chunks = -(-upto // self.chunk_size)
+            keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)[first_chunk:num_chunks]
+        else:
+            keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size, mm_hashes)[first_chunk:]
         chunks = self._stack.get_prefix(keys)
         self.metrics.load_seconds.observe(time.perf_counter() - started_s)
-        return LoadResult(len(chunks) * self.chunk_size, chunks, first_chunk * self.chunk_size)
+        return LoadResult(sum(chunk.shape[2] for chunk in chunks), chunks, first_chunk * self.chunk_size)
 
     def save(
         self, token_ids: Sequence[int], kv: torch.Tensor, namespace: Namespace, start: int = 0, mm_hashes: MMHashes = ()
@@ -135,17 +163,20 @@ class Shelf:
         chunk_at: Callable[[int], torch.Tensor],
         start: int = 0,
         mm_hashes: MMHashes = (),
+        tail: bool = False,
     ) -> int:
-        """Store the full chunks of `token_ids` from token `start` (a multiple of chunk_size).
+        """Store the full chunks of `token_ids` from token `start` (a multiple of chunk_size), and
+        with `tail` the trailing partial chunk too.
 
-        `chunk_at(i)` returns the i-th of those chunks, (layers, 2, chunk_size, kv_heads, head_dim),
-        as a tensor the shelf keeps (no copy is made); it is called only for chunks the memory tier
-        lacks. Returns at once: chunks go to memory now and to lower tiers in the background.
-        Returns how many chunks were new to memory.
+        `chunk_at(i)` returns the i-th of those chunks, (layers, 2, chunk_size, kv_heads, head_dim)
+        (the tail: its own length of tokens), as a tensor the shelf keeps (no copy is made); it is
+        called only for chunks the memory tier lacks. Returns at once: chunks go to memory now and
+        to lower tiers in the background. Returns how many chunks were new to memory.
         """
         if start % self.chunk_size:
             raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
-        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes)[start // self.chunk_size :]
+        first_chunk = start // self.chunk_size
+        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)[first_chunk:]
         if not keys:
             return 0
         items: list[tuple[ChunkKey, torch.Tensor]] = []
@@ -153,7 +184,8 @@ class Shelf:
         for index, (key, held) in enumerate(zip(keys, self._stack.memory.get_many(keys))):
             if held is None:
                 held = chunk_at(index)
-                self._check_kv(held, namespace, self.chunk_size)
+                chunk_start = (first_chunk + index) * self.chunk_size
+                self._check_kv(held, namespace, min(self.chunk_size, len(token_ids) - chunk_start))
                 new_items.append((key, held))
             items.append((key, held))
         self._stack.memory.put_many(new_items)
@@ -161,6 +193,13 @@ class Shelf:
         if self._stack.lower:
             self._writer.submit(lambda: self._stack.write_lower(items, namespace, self.metrics.store_seconds))
         return len(new_items)
+
+    def held_nearby(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is in memory or in the inbox: what a pushing prefill instance may skip."""
+        in_memory = [chunk is not None for chunk in self._stack.memory.get_many(keys)]
+        if self.inbox is None:
+            return in_memory
+        return [held or self.inbox.contains_prefix([key]) == 1 for key, held in zip(keys, in_memory)]
 
     def _check_kv(self, kv: torch.Tensor, namespace: Namespace, num_tokens: int | None = None) -> None:
         layout = namespace.layout

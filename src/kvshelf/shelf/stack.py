@@ -33,6 +33,7 @@ class LowerTier:
     tier: Tier
     codecs: CodecChoice
     down_until_s: float = 0.0
+    receives_writes: bool = True  # False: filled from elsewhere (the inbox of pushed KV)
 
     @property
     def is_up(self) -> bool:
@@ -114,6 +115,8 @@ class TierStack:
     ) -> None:
         """Encode and write `items` to every lower tier that lacks them (runs on the writer thread)."""
         for slot in self.lower:
+            if not slot.receives_writes:
+                continue
             started_s = time.perf_counter()
             if self._guarded(slot, False, self._write, slot, items, namespace) is False:
                 self._counters.dropped_writes += 1

@@ -7,6 +7,11 @@
 
 vLLM makes one instance per role: the scheduler's asks how many prompt tokens the shelf holds
 and plans each step; each worker's copies chunks between the shelf and its paged KV cache.
+
+For prefill/decode disaggregation, run the prefill instance with "kv_role": "kv_producer" and
+the decode instance with "kv_consumer" (see scheduler.py); a decode instance that accepts
+pushed KV sets "pd.receive_address". "lookup_address" lets a KV-aware router (`kvshelf proxy`)
+ask how much of a prompt this instance holds.
 """
 
 import logging
@@ -22,16 +27,27 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
 
-from kvshelf.integrations.vllm.context import engine_facts, shelf_config
-from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, lookup_address
+from kvshelf.integrations.vllm.context import EngineFacts, engine_facts, shelf_config
+from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
-from kvshelf.integrations.vllm.scheduler import SchedulerSide
+from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.shelf import Shelf
+from kvshelf.transfer import KVReceiver
 
 logger = logging.getLogger(__name__)
 LOOKUP_TIMEOUT_S = 5.0
+
+
+def cpu_attention_isa(vllm_config: Any, facts: EngineFacts) -> str | None:
+    """The instruction set vLLM's CPU attention kernel uses (it decides the cache layout); None off the CPU."""
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(vllm_config.model_config.dtype, facts.block_size, facts.base_namespace.layout.head_dim,
+                         vllm_config.cache_config.cache_dtype)
 
 
 @dataclass
@@ -55,17 +71,29 @@ class KVShelfConnector(KVConnectorBase_V1):
             logger.info("kvshelf: setting kv_load_failure_policy to 'recompute'")
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
         engine_id = self._kv_transfer_config.engine_id
+        tp_size = facts.base_namespace.tp_size
+        if tp_size > 1 and (config.pd.receive_address or config.pd.push_to):
+            raise ValueError("kvshelf pushes KV between instances of tensor_parallel_size 1 only; with more, "
+                             "unset pd.receive_address and pd.push_to and hand KV over through a shared tier (redis)")
         self._scheduler = self._worker = None
-        self._lookup_client = self._lookup_server = None
+        self._lookup_client = None
+        self._servers: list[LookupServer | RoutingLookupServer | KVReceiver] = []
         if role == KVConnectorRole.SCHEDULER:
-            tp_size = facts.base_namespace.tp_size
             self._lookup_client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
-            self._scheduler = SchedulerSide(self._lookup_client.lookup, config.chunk_size, facts)
+            scheduler_role = Role.of(self._kv_transfer_config.kv_role, config.pd.push_to)
+            self._scheduler = SchedulerSide(self._lookup_client.lookup, config.chunk_size, facts, scheduler_role)
+            if config.lookup_address is not None:
+                client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
+                self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace, client))
         else:
             tp_rank = get_tensor_model_parallel_rank()
             shelf = Shelf(config)
-            self._worker = WorkerSide(shelf, facts, tp_rank, keys_then_values_per_block=current_platform.is_cpu())
-            self._lookup_server = LookupServer(shelf, lookup_address(engine_id, tp_rank))
+            self._worker = WorkerSide(shelf, facts, tp_rank, cpu_attention_isa(vllm_config, facts))
+            self._servers.append(LookupServer(shelf, lookup_address(engine_id, tp_rank)))
+            if shelf.inbox is not None:
+                receiver = KVReceiver(shelf.inbox, config.pd.receive_address, shelf.held_nearby,
+                                      self._worker.transfer_counters)
+                self._servers.append(receiver)
 
     # ---- scheduler side ----
 
@@ -125,9 +153,11 @@ class KVShelfConnector(KVConnectorBase_V1):
         return KVShelfPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        """Finish queued disk writes and close the lookup channel."""
-        if self._lookup_server is not None:
-            self._lookup_server.close()
+        """Close the lookup and transfer channels, and finish queued disk writes."""
+        for server in self._servers:
+            server.close()
+        if self._worker is not None:
+            self._worker.pusher.close()
             self._worker.shelf.close()
         if self._lookup_client is not None:
             self._lookup_client.close()

@@ -52,8 +52,9 @@ def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str,
         layout,
         tp_rank=0,  # each worker puts in its own rank; the scheduler asks every rank
         tp_size=parallel_config.tensor_parallel_size,
-        # KV from another engine may differ in the last bits; never mix them.
-        extra=(("engine", "vllm"),),
+        # KV from another engine may differ in the last bits; never mix them. Chunks stored before
+        # kvshelf read the CPU cache's transposed keys in token order differ in meaning: "kv-order".
+        extra=(("engine", "vllm"), ("kv-order", "tokens")),
     )
     return EngineFacts(namespace, vllm_config.cache_config.block_size)
 

@@ -4,7 +4,11 @@ vLLM runs its scheduler and its workers in different processes, and a chunk save
 worker may live only in that worker's memory tier. So each worker serves lookups on a local
 ZeroMQ socket, and the scheduler asks every tensor-parallel rank, taking the smallest answer.
 Messages are JSON and raw int32 token ids, never pickles: the socket is a local file anyone
-on the machine might write to.
+on the machine might write to. Lookups count stored tails (see kvshelf.keys).
+
+`RoutingLookupServer` answers the same question over TCP for a KV-aware router (`kvshelf
+proxy`), which knows only token ids and the tenant's cache_salt; its probes are left out of the
+hit statistics.
 """
 
 import dataclasses
@@ -28,15 +32,18 @@ def lookup_address(engine_id: str, tp_rank: int) -> str:
     return f"ipc://{tempfile.gettempdir()}/kvshelf-{engine_id}-{tp_rank}.ipc"
 
 
-def encode(token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes) -> list[bytes]:
-    header = {"namespace": namespace.describe(), "mm_hashes": [[pos, digest.hex()] for pos, digest in mm_hashes]}
+def encode(token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes, probe: bool = False) -> list[bytes]:
+    header = {"namespace": namespace.describe(), "mm_hashes": [[pos, digest.hex()] for pos, digest in mm_hashes],
+              "probe": probe}
     return [json.dumps(header).encode(), np.asarray(token_ids, dtype="<i4").tobytes()]
 
 
-def decode(frames: list[bytes]) -> tuple[list[int], Namespace, MMHashes]:
+def answer(shelf: Shelf, frames: list[bytes]) -> int:
     header = json.loads(frames[0])
     mm_hashes = [(position, bytes.fromhex(digest)) for position, digest in header["mm_hashes"]]
-    return np.frombuffer(frames[1], dtype="<i4").tolist(), Namespace.from_description(header["namespace"]), mm_hashes
+    token_ids = np.frombuffer(frames[1], dtype="<i4").tolist()
+    namespace = Namespace.from_description(header["namespace"])
+    return shelf.lookup(token_ids, namespace, mm_hashes, tail=True, count=not header.get("probe", False))
 
 
 class LookupServer:
@@ -56,7 +63,7 @@ class LookupServer:
                 continue
             frames = self._socket.recv_multipart()
             try:
-                num_tokens = self._shelf.lookup(*decode(frames))
+                num_tokens = answer(self._shelf, frames)
             except Exception:  # noqa: BLE001 - a bad message is a miss, never a dead server
                 logger.exception("kvshelf: bad lookup message")
                 num_tokens = 0
@@ -76,16 +83,16 @@ class LookupClient:
         self._timeout_ms = int(timeout_s * 1000)
         self._sockets: list[zmq.Socket | None] = [None] * tp_size
 
-    def lookup(self, token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes) -> int:
+    def lookup(self, token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes, probe: bool = False) -> int:
         answers = [
-            self._ask(rank, token_ids, dataclasses.replace(namespace, tp_rank=rank), mm_hashes)
+            self._ask(rank, encode(token_ids, dataclasses.replace(namespace, tp_rank=rank), mm_hashes, probe))
             for rank in range(len(self._addresses))
         ]
         return min(answers)
 
-    def _ask(self, rank: int, token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes) -> int:
+    def _ask(self, rank: int, message: list[bytes]) -> int:
         socket = self._sockets[rank] or self._connect(rank)
-        socket.send_multipart(encode(token_ids, namespace, mm_hashes))
+        socket.send_multipart(message)
         if socket.poll(self._timeout_ms):
             return int(socket.recv())
         # A REQ socket that missed its reply is stuck; drop it and connect afresh next time.
@@ -106,3 +113,41 @@ class LookupClient:
         for socket in self._sockets:
             if socket is not None:
                 socket.close(linger=0)
+
+
+class RoutingLookupServer:
+    """Answers a router's `[{"cache_salt": ...}, int32 token ids]` with the leading tokens held."""
+
+    def __init__(self, address: str, base_namespace: Namespace, client: LookupClient) -> None:
+        self._base_namespace = base_namespace
+        self._client = client
+        self._socket = zmq.Context.instance().socket(zmq.REP)
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError as exc:
+            self._socket.close(linger=0)
+            raise ValueError(f"cannot answer routing lookups on {address} ({exc}); set lookup_address") from exc
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kvshelf-routing-lookup", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            if not self._socket.poll(POLL_MS):
+                continue
+            frames = self._socket.recv_multipart()
+            try:
+                salt = json.loads(frames[0]).get("cache_salt")
+                namespace = dataclasses.replace(self._base_namespace, cache_salt=salt)
+                token_ids = np.frombuffer(frames[1], dtype="<i4").tolist()
+                num_tokens = self._client.lookup(token_ids, namespace, (), probe=True) if token_ids else 0
+            except Exception:  # noqa: BLE001 - a bad message is a miss, never a dead server
+                logger.exception("kvshelf: bad routing lookup message")
+                num_tokens = 0
+            self._socket.send(str(num_tokens).encode())
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self._socket.close(linger=0)
+        self._client.close()

@@ -3,8 +3,15 @@
 A request's prompt is looked up once, when vLLM first asks. Loads are synchronous: they run
 before the step's forward pass. The prompt's full chunks are saved in the step that finishes
 its prefill, from the blocks vLLM just wrote (chunks already stored are skipped).
+
+Roles (vLLM's kv_role): `kv_both` loads and saves full chunks. `kv_producer`, a prefill
+instance, also saves the prompt's partial last chunk and hands the whole prompt to a decode
+instance before the step ends: pushed to the address in the request's
+`kv_transfer_params.kvshelf.push_to` (or `pd.push_to`), else written through to the shared
+tiers. `kv_consumer`, a decode instance, loads (tails included) and never saves.
 """
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +20,7 @@ from kvshelf.integrations.vllm.context import EngineFacts, mm_hashes, request_na
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.keys import MMHashes, Namespace
 
+logger = logging.getLogger(__name__)
 Lookup = Callable[[Sequence[int], Namespace, MMHashes], int]
 
 
@@ -22,16 +30,31 @@ class RequestState:
     namespace: Namespace
     mm_hashes: MMHashes
     stored_tokens: int  # leading prompt tokens the shelf held at lookup
+    push_to: str | None = None  # kv_producer: the decode instance to push the prompt's KV to
     block_ids: list[int] = field(default_factory=list)
     local_tokens: int = 0  # leading prompt tokens in vLLM's own prefix cache, at the last ask
     load: tuple[int, int] | None = None  # tokens [start, end) to load in the next step
 
 
+@dataclass(frozen=True)
+class Role:
+    saves: bool = True  # False for kv_consumer
+    hands_over: bool = False  # kv_producer: save the tail too, and push or write through at once
+    push_to: str | None = None  # kv_producer: the default destination (pd.push_to)
+
+    @classmethod
+    def of(cls, kv_role: str, push_to: str | None) -> "Role":
+        if kv_role not in ("kv_both", "kv_producer", "kv_consumer"):
+            raise ValueError(f"kvshelf does not know kv_role {kv_role!r}; use kv_both, kv_producer or kv_consumer")
+        return cls(saves=kv_role != "kv_consumer", hands_over=kv_role == "kv_producer", push_to=push_to)
+
+
 class SchedulerSide:
-    def __init__(self, lookup: Lookup, chunk_size: int, facts: EngineFacts) -> None:
+    def __init__(self, lookup: Lookup, chunk_size: int, facts: EngineFacts, role: Role = Role()) -> None:
         self.lookup = lookup
         self.chunk_size = chunk_size
         self.facts = facts
+        self.role = role
         self.requests: dict[str, RequestState] = {}
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
@@ -42,13 +65,26 @@ class SchedulerSide:
             namespace = request_namespace(self.facts.base_namespace, request)
             hashes = mm_hashes(request)
             stored = self.lookup(prompt_ids, namespace, hashes) if prompt_ids else 0
-            state = RequestState(prompt_ids, namespace, hashes, stored)
+            state = RequestState(prompt_ids, namespace, hashes, stored, self._push_to(request))
             self.requests[request.request_id] = state
         state.local_tokens = num_computed_tokens
         # Never claim the last prompt token: vLLM must compute it to sample the first output.
-        chunk_size = self.chunk_size
-        usable = min(state.stored_tokens, (len(prompt_ids) - 1) // chunk_size * chunk_size)
+        if prompt_ids and state.stored_tokens == len(prompt_ids):  # a handed-over tail: all but that token
+            usable = len(prompt_ids) - 1
+        else:
+            usable = min(state.stored_tokens, (len(prompt_ids) - 1) // self.chunk_size * self.chunk_size)
         return max(usable - num_computed_tokens, 0)
+
+    def _push_to(self, request: Any) -> str | None:
+        if not self.role.hands_over:
+            return None
+        params = (request.kv_transfer_params or {}).get("kvshelf") or {}
+        push_to = params.get("push_to", self.role.push_to) if isinstance(params, dict) else self.role.push_to
+        if push_to is not None and not (isinstance(push_to, str) and push_to.startswith(("tcp://", "ipc://"))):
+            logger.warning("kvshelf: request %s: ignoring kv_transfer_params.kvshelf.push_to %r (not tcp://host:port);"
+                           " handing its KV over through the shared tiers", request.request_id, push_to)
+            return None
+        return push_to
 
     def after_alloc(self, request: Any, num_external_tokens: int) -> None:
         state = self.requests.get(request.request_id)
@@ -84,15 +120,22 @@ class SchedulerSide:
             state.load = None
         num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
         prompt_tokens = len(state.prompt_ids)
-        if num_computed < prompt_tokens <= num_computed + num_scheduled:  # this step finishes the prefill
-            full_tokens = prompt_tokens // self.chunk_size * self.chunk_size
-            if full_tokens > state.stored_tokens:
-                plan.saves.append(self._transfer(request_id, state, state.stored_tokens, full_tokens))
+        if not self.role.saves or not num_computed < prompt_tokens <= num_computed + num_scheduled:
+            return  # only the step that finishes the prefill saves
+        if self.role.hands_over:
+            # All of it, tail included, even what the shelf held: the decode side may lack it.
+            plan.saves.append(self._transfer(request_id, state, 0, prompt_tokens, hand_over=True))
+            return
+        full_tokens = prompt_tokens // self.chunk_size * self.chunk_size
+        if full_tokens > state.stored_tokens:
+            plan.saves.append(self._transfer(request_id, state, state.stored_tokens, full_tokens))
 
-    def _transfer(self, request_id: str, state: RequestState, start: int, end: int) -> Transfer:
-        # Copies: the plan travels to the workers while later steps extend the request's blocks.
+    def _transfer(self, request_id: str, state: RequestState, start: int, end: int, hand_over: bool = False
+                  ) -> Transfer:
+        # A copy of the block list: the plan travels to the workers while later steps extend it.
         block_ids = state.block_ids[: -(-end // self.facts.block_size)]
-        return Transfer(request_id, state.prompt_ids[:end], state.namespace, state.mm_hashes, block_ids, start, end)
+        return Transfer(request_id, state.prompt_ids, state.namespace, state.mm_hashes, block_ids, start, end,
+                        hand_over, state.push_to)
 
     def forget_failed_blocks(self, invalid_block_ids: set[int]) -> None:
         """Chunks whose blocks failed to load are gone from the shelf (or unreadable): stop counting

@@ -4,13 +4,14 @@ Each worker reports what changed since its last report; vLLM sums the workers' r
 hands them to KVShelfPromMetrics, which adds them to counters named `vllm:kvshelf_*`.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prometheus_client import Counter
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from kvshelf.shelf import Shelf
+from kvshelf.transfer import TransferCounters
 
 # What each counter means; tier-specific ones are reported per tier ("disk_loaded_bytes").
 DESCRIPTIONS = {
@@ -25,14 +26,21 @@ DESCRIPTIONS = {
     "errors": "Failed tier operations",
     "skipped": "Operations skipped while a failed tier backs off",
     "rejected_writes": "Chunks a full tier refused to store",
+    "pushed_chunks": "Chunks pushed to a decode instance (prefill/decode disaggregation)",
+    "pushed_bytes": "Bytes pushed to a decode instance",
+    "push_failures": "Pushes to a decode instance given up (it recomputes)",
+    "push_ms": "Milliseconds spent pushing KV to decode instances",
+    "received_chunks": "Chunks pushed here by a prefill instance",
+    "refused_chunks": "Pushed chunks refused because the inbox was full",
 }
 
 
-def flat_counters(shelf: Shelf, load_failed_tokens: int) -> dict[str, int]:
-    """The shelf's cumulative counters, one flat name each."""
+def flat_counters(shelf: Shelf, load_failed_tokens: int, transfers: TransferCounters) -> dict[str, int]:
+    """The shelf's and the transfers' cumulative counters, one flat name each."""
     stats = shelf.stats()
     flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes")}
     flat["load_failed_tokens"] = load_failed_tokens
+    flat.update(asdict(transfers))
     for tier_name, tier_stats in stats["tiers"].items():
         for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "errors", "skipped",
                      "rejected_writes"):

@@ -6,36 +6,44 @@ errors, so vLLM recomputes them: a failed load costs time, never correctness.
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 
 from kvshelf.integrations.vllm.context import EngineFacts
-from kvshelf.integrations.vllm.paged import PagedKV, block_view
+from kvshelf.integrations.vllm.paged import PagedKV, block_views, check_cpu_layout
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.integrations.vllm.stats import flat_counters
-from kvshelf.keys import Namespace
+from kvshelf.keys import Namespace, chunk_keys
 from kvshelf.shelf import Shelf
+from kvshelf.transfer import KVPusher, TransferCounters
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerSide:
-    def __init__(self, shelf: Shelf, facts: EngineFacts, tp_rank: int, keys_then_values_per_block: bool) -> None:
+    def __init__(self, shelf: Shelf, facts: EngineFacts, tp_rank: int, cpu_isa: str | None) -> None:
+        """`cpu_isa`: the CPU attention kernel's instruction set, on vLLM's CPU backend; else None."""
         self.shelf = shelf
         self.block_size = facts.block_size
         self.tp_rank = tp_rank
         self._head_dim = facts.base_namespace.layout.head_dim
-        self._keys_then_values_per_block = keys_then_values_per_block
+        self._cpu_isa = cpu_isa
         self.paged: PagedKV | None = None
         self.failed_block_ids: set[int] = set()
         self._failed_request_ids: set[str] = set()
         self.num_load_failed_tokens = 0
+        self.transfer_counters = TransferCounters()
+        self.pusher = KVPusher(shelf.config.pd.push_timeout_s, self.transfer_counters)
         self._reported: dict[str, int] = {}
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Layer caches in model order, as vLLM registers them."""
-        views = [block_view(cache, self._head_dim, self._keys_then_values_per_block) for cache in kv_caches.values()]
-        self.paged = PagedKV(views)
+        caches = list(kv_caches.values())
+        if self._cpu_isa is not None:
+            _, num_kv_heads, block_size, _ = caches[0].shape
+            check_cpu_layout(block_size, num_kv_heads, self._head_dim, caches[0].dtype, self._cpu_isa)
+        self.paged = PagedKV([block_views(cache, self._head_dim, self._cpu_isa is not None) for cache in caches])
         if self.paged.block_size != self.block_size:
             raise ValueError(
                 f"vLLM's KV cache has blocks of {self.paged.block_size} tokens, expected {self.block_size}"
@@ -51,16 +59,19 @@ class WorkerSide:
         chunk_size = self.shelf.chunk_size
         # Tokens before `start` are in vLLM's own prefix cache: read only the chunks after them.
         namespace = self._namespace(transfer)
-        loaded = self.shelf.load(transfer.token_ids, namespace, transfer.end, transfer.mm_hashes, transfer.start)
+        loaded = self.shelf.load(
+            transfer.token_ids, namespace, transfer.end, transfer.mm_hashes, transfer.start, tail=True
+        )
         loaded_end = max(min(loaded.end, transfer.end), transfer.start)
-        first_chunk = loaded.start // chunk_size
-        for index, chunk in enumerate(loaded.chunks[: loaded_end // chunk_size - first_chunk], start=first_chunk):
+        for index, chunk in enumerate(loaded.chunks, start=loaded.start // chunk_size):
             # Blocks before `start` already hold vLLM's own cached KV (possibly shared): leave them.
-            begin = max(index * chunk_size, transfer.start)
-            block_ids = transfer.block_ids[begin // self.block_size : (index + 1) * chunk_size // self.block_size]
-            self.paged.scatter(chunk, block_ids, first_token=begin - index * chunk_size)
+            begin, end = max(index * chunk_size, transfer.start), min((index + 1) * chunk_size, loaded_end)
+            if begin >= end:
+                break
+            block_ids = transfer.block_ids[begin // self.block_size :]
+            self.paged.scatter(chunk, block_ids, first_token=begin - index * chunk_size, num_tokens=end - begin)
         if loaded_end < transfer.end:
-            failed = transfer.block_ids[loaded_end // self.block_size : transfer.end // self.block_size]
+            failed = transfer.block_ids[loaded_end // self.block_size : -(-transfer.end // self.block_size)]
             logger.warning(
                 "kvshelf: request %s: %d tokens could not be loaded; vLLM recomputes them",
                 transfer.request_id,
@@ -71,26 +82,47 @@ class WorkerSide:
             self.num_load_failed_tokens += transfer.end - loaded_end
 
     def save(self, plan: StepPlan) -> None:
-        chunk_blocks = self.shelf.chunk_size // self.block_size
+        write_through = False
         for transfer in plan.saves:
             if transfer.request_id in self._failed_request_ids:
                 # This step's KV attended to blocks that failed to load: never store it. vLLM
                 # recomputes the request, and its finished prefill is saved then.
                 continue
-            first_block = transfer.start // self.block_size
-
-            def chunk_at(index: int, transfer: Transfer = transfer, first_block: int = first_block) -> torch.Tensor:
-                begin = first_block + index * chunk_blocks
-                return self.paged.gather(transfer.block_ids[begin : begin + chunk_blocks])
-
             namespace = self._namespace(transfer)
-            self.shelf.save_chunks(transfer.token_ids, namespace, chunk_at, transfer.start, transfer.mm_hashes)
+            chunk_at = self._chunk_reader(transfer)
+            self.shelf.save_chunks(
+                transfer.token_ids[: transfer.end], namespace, chunk_at, transfer.start, transfer.mm_hashes,
+                tail=transfer.hand_over,
+            )
+            if not transfer.hand_over:
+                continue
+            pushed = False
+            if transfer.push_to is not None:
+                keys = chunk_keys(transfer.token_ids, namespace, self.shelf.chunk_size, transfer.mm_hashes, tail=True)
+                pushed = self.pusher.push(transfer.push_to, keys, chunk_at)
+            # Not pushed (or the push failed): the decode instance looks in the shared tiers.
+            write_through = write_through or not pushed
+        if write_through:
+            # ... as soon as this step's output is out, so the writes must be done by then.
+            self.shelf.flush()
+
+    def _chunk_reader(self, transfer: Transfer) -> Callable[[int], torch.Tensor]:
+        """chunk_at(i): the i-th chunk of `transfer` (from its start), copied from the request's blocks."""
+        chunk_size, chunk_blocks = self.shelf.chunk_size, self.shelf.chunk_size // self.block_size
+        first_block = transfer.start // self.block_size
+
+        def chunk_at(index: int) -> torch.Tensor:
+            begin = first_block + index * chunk_blocks
+            num_tokens = min(chunk_size, transfer.end - transfer.start - index * chunk_size)
+            return self.paged.gather(transfer.block_ids[begin : begin + chunk_blocks], num_tokens)
+
+        return chunk_at
 
     def _namespace(self, transfer: Transfer) -> Namespace:
         return dataclasses.replace(transfer.namespace, tp_rank=self.tp_rank)
 
     def counters_since_last_report(self) -> dict[str, int]:
-        current = flat_counters(self.shelf, self.num_load_failed_tokens)
+        current = flat_counters(self.shelf, self.num_load_failed_tokens, self.transfer_counters)
         increments = {name: value - self._reported.get(name, 0) for name, value in current.items()}
         self._reported = current
         return increments

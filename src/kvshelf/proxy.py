@@ -1,0 +1,520 @@
+"""`kvshelf proxy`: one OpenAI-compatible endpoint in front of several vLLM instances.
+
+Disaggregated (`--prefill` and `--decode`), a completion request goes:
+  1. to a prefill instance chosen by the routing policy, cut to one token and with kv_transfer_params
+     telling kvshelf where the KV goes: `push_to` the chosen decode instance's kv= address, or nowhere
+     when a shared tier such as Redis holds it;
+  2. then, unchanged, to a decode instance chosen in turn, which finds the prompt's KV and answers;
+     its answer, streamed or not, goes back to the client.
+Colocated (`--instance`), the chosen instance answers the whole request.
+
+The prefill instance (or the colocated one) is chosen kv-aware: the prompt is tokenized once, every
+candidate's kvshelf says over ZeroMQ how many leading tokens of it it holds, and the one holding the
+most wins; ties and misses go in turn. A failed prefill is retried on another prefill instance, and
+when none is left the decode instance computes the prefill itself. A failed decode is retried while
+the client has not yet received a byte. An instance that fails a request or a health check leaves
+the rotation until a health check passes.
+"""
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+import zmq
+import zmq.asyncio
+from aiohttp import web
+
+from kvshelf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ROUTINGS = ("kv-aware", "round-robin")
+CHANNELS = ("tier", "push")
+COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+API_KEY_ENV = "KVSHELF_PROXY_API_KEY"
+SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]"
+LOOKUP_TIMEOUT_S = 0.5
+TOKENIZE_TIMEOUT_S = 10.0  # routing waits this long at most; then it goes in turn
+HEALTH_TIMEOUT_S = 5.0
+MAX_BODY_BYTES = 64 * 2**20  # long prompts and inline images exceed aiohttp's 1 MiB default
+NUM_RECENT_DECISIONS = 100
+# Chat fields that change the prompt's tokens, so the tokenize call must see them too.
+CHAT_TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "continue_final_message")
+KV_AWARE_HITS = ("kv-aware", "kv-aware-tie")
+KV_AWARE_FALLBACKS = ("no-hit", "tokenize-failed")
+
+
+@dataclass(frozen=True)
+class Instance:
+    url: str
+    lookup: str | None = None  # its kvshelf routing-lookup endpoint (ZeroMQ REP)
+    kv: str | None = None  # a decode instance's kvshelf receive address, for the push channel
+
+
+def parse_instance(spec: str) -> Instance:
+    """`http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]` as an Instance."""
+    url, *options = [part.strip() for part in spec.split(",")]
+    addresses: dict[str, str] = {}
+    for option in options:
+        name, _, address = option.partition("=")
+        if name not in ("lookup", "kv") or name in addresses:
+            raise ConfigError(f"instance {spec!r}: unknown or repeated option {option!r}; expected {SPEC_FORM}")
+        addresses[name] = _address(spec, address, "tcp")
+    return Instance(_address(spec, url, "http", "https"), addresses.get("lookup"), addresses.get("kv"))
+
+
+def _address(spec: str, address: str, *schemes: str) -> str:
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = None
+    if parts.scheme not in schemes or not parts.hostname or port is None or parts.path.strip("/") or parts.query:
+        raise ConfigError(f"instance {spec!r}: {address!r} is not {schemes[0]}://host:port; expected {SPEC_FORM}")
+    return address.rstrip("/")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    prefill: tuple[Instance, ...] = ()
+    decode: tuple[Instance, ...] = ()
+    instances: tuple[Instance, ...] = ()  # colocated mode: each answers whole requests
+    routing: str = "kv-aware"
+    channel: str = "tier"
+    health_interval_s: float = 2.0
+    timeout_s: float = 600.0
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.instances and (self.prefill or self.decode):
+            raise ConfigError("give either --instance (colocated) or --prefill and --decode (disaggregated), not both")
+        if not self.instances and not (self.prefill and self.decode):
+            raise ConfigError("give at least one --prefill and one --decode (or --instance, to serve colocated)")
+        if self.routing not in ROUTINGS or self.channel not in CHANNELS:
+            raise ConfigError(f"--routing must be one of {ROUTINGS} and --channel one of {CHANNELS}")
+        if self.health_interval_s <= 0 or self.timeout_s <= 0:
+            raise ConfigError("--health-interval and --timeout must be positive numbers of seconds")
+        urls = [instance.url for pool in self.pools.values() for instance in pool]
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"each instance URL may be given once, got {urls}")
+        missing_kv = [instance.url for instance in self.decode if instance.kv is None]
+        if self.channel == "push" and missing_kv:
+            raise ConfigError(f"--channel push needs kv=tcp://host:port on every --decode; missing on {missing_kv}")
+
+    @property
+    def pools(self) -> dict[str, tuple[Instance, ...]]:
+        if self.instances:
+            return {"colocated": self.instances}
+        return {"prefill": self.prefill, "decode": self.decode}
+
+
+@dataclass(slots=True, eq=False)
+class Upstream:
+    """One instance's place in the rotation and its counts."""
+
+    instance: Instance
+    role: str
+    healthy: bool = True
+    num_requests: int = 0
+    num_failures: int = 0  # failed requests; failed health checks only take it out of rotation
+
+    @property
+    def url(self) -> str:
+        return self.instance.url
+
+    def as_json(self) -> dict:
+        counts = {"requests": self.num_requests, "failures": self.num_failures}
+        return {"role": self.role, "healthy": self.healthy, **counts}
+
+
+@dataclass(slots=True)
+class Decision:
+    upstream: Upstream
+    held_tokens: int
+    reason: str  # kv-aware | kv-aware-tie | no-hit | tokenize-failed | round-robin
+
+    def as_json(self) -> dict:
+        return {"instance": self.upstream.url, "held_tokens": self.held_tokens, "reason": self.reason}
+
+
+class Proxy:
+    """The proxy's state (instances, rotation, decisions) and its request handlers."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.pools = {role: [Upstream(instance, role) for instance in pool] for role, pool in config.pools.items()}
+        self._cursors: Counter[str] = Counter()  # pool -> index of the instance whose turn is next
+        self._reasons = Counter(dict.fromkeys((*KV_AWARE_HITS, *KV_AWARE_FALLBACKS, "round-robin"), 0))
+        self._decisions: deque[dict] = deque(maxlen=NUM_RECENT_DECISIONS)
+        self._num_prefill_fallbacks = 0
+
+    # -- lifecycle --
+
+    async def start(self, app: web.Application) -> None:
+        # No cap on connections: each client stream holds one, and the instances set their own limits.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)
+        )
+        self._zmq = zmq.asyncio.Context()
+        self._health_task = asyncio.create_task(self._watch_health())
+
+    async def stop(self, app: web.Application) -> None:
+        self._health_task.cancel()
+        await asyncio.gather(self._health_task, return_exceptions=True)
+        await self._session.close()
+        self._zmq.destroy(linger=0)
+
+    # -- health --
+
+    async def _watch_health(self) -> None:
+        while True:
+            try:
+                upstreams = [upstream for pool in self.pools.values() for upstream in pool]
+                await asyncio.gather(*(self._check_health(upstream) for upstream in upstreams))
+            except Exception:  # noqa: BLE001 - the watch must outlive any one bad round
+                logger.exception("kvshelf proxy: a round of health checks failed")
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def _check_health(self, upstream: Upstream) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            async with self._session.get(f"{upstream.url}/health", timeout=timeout) as answer:
+                healthy, why = answer.status == 200, f"health check answered HTTP {answer.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            healthy, why = False, f"health check failed: {describe(exc)}"
+        self._set_health(upstream, healthy, why)
+
+    def _set_health(self, upstream: Upstream, healthy: bool, why: str) -> None:
+        if upstream.healthy != healthy:
+            change = "back in rotation" if healthy else "out of rotation"
+            logger.warning("kvshelf proxy: %s instance %s %s (%s)", upstream.role, upstream.url, change, why)
+        upstream.healthy = healthy
+
+    def _failed(self, upstream: Upstream, why: str) -> None:
+        upstream.num_failures += 1
+        self._set_health(upstream, False, why)
+
+    # -- routing --
+
+    def _healthy(self, pool: str, tried: Sequence[Upstream] = ()) -> list[Upstream]:
+        return [upstream for upstream in self.pools[pool] if upstream.healthy and upstream not in tried]
+
+    def _next_in_turn(self, pool: str, candidates: list[Upstream]) -> Upstream:
+        """The first of `candidates` from the pool's cursor on; the cursor then moves past it."""
+        members = self.pools[pool]
+        start = self._cursors[pool]
+        chosen = next(upstream for upstream in members[start:] + members[:start] if upstream in candidates)
+        self._cursors[pool] = (members.index(chosen) + 1) % len(members)
+        return chosen
+
+    def _in_turn(self, pool: str) -> Iterator[Upstream]:
+        """Healthy instances of a pool in turn, each once; health is looked at anew before each."""
+        tried: list[Upstream] = []
+        while candidates := self._healthy(pool, tried):
+            tried.append(self._next_in_turn(pool, candidates))
+            yield tried[-1]
+
+    def _by_policy(self, pool: str, held: dict[str, int] | None) -> Iterator[Upstream]:
+        """Healthy instances of a pool in the routing policy's order, each once, every choice recorded."""
+        tried: list[Upstream] = []
+        while candidates := self._healthy(pool, tried):
+            decision = self._choose(pool, candidates, held)
+            self._reasons[decision.reason] += 1
+            self._decisions.append(decision.as_json())
+            tried.append(decision.upstream)
+            yield decision.upstream
+
+    def _choose(self, pool: str, candidates: list[Upstream], held: dict[str, int] | None) -> Decision:
+        if held is None:
+            reason = "round-robin" if self.config.routing == "round-robin" else "tokenize-failed"
+            return Decision(self._next_in_turn(pool, candidates), 0, reason)
+        best = max(held.get(upstream.url, 0) for upstream in candidates)
+        tied = [upstream for upstream in candidates if held.get(upstream.url, 0) == best]
+        reason = "no-hit" if best == 0 else "kv-aware" if len(tied) == 1 else "kv-aware-tie"
+        return Decision(self._next_in_turn(pool, tied), best, reason)
+
+    async def _held_tokens(self, path: str, body: dict, pool: str) -> dict[str, int] | None:
+        """Leading prompt tokens each healthy instance of the pool holds, by URL; None: go in turn."""
+        candidates = self._healthy(pool)
+        if self.config.routing != "kv-aware" or not candidates:
+            return None
+        token_ids = await self._prompt_token_ids(path, body, candidates[0])
+        if token_ids is None:
+            return None
+        cache_salt = body.get("cache_salt")
+        answers = await asyncio.gather(*(self._lookup(upstream, token_ids, cache_salt) for upstream in candidates))
+        return {upstream.url: num_tokens for upstream, num_tokens in zip(candidates, answers)}
+
+    async def _prompt_token_ids(self, path: str, body: dict, upstream: Upstream) -> list[int] | None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(type(token) is int for token in prompt):
+            return prompt
+        model = {"model": body["model"]} if "model" in body else {}
+        if path == COMPLETIONS and isinstance(prompt, str):
+            return await self._tokenize(upstream, {**model, "prompt": prompt})
+        if path == CHAT_COMPLETIONS and isinstance(body.get("messages"), list):
+            template = {name: body[name] for name in CHAT_TEMPLATE_FIELDS if name in body}
+            add_generation_prompt = body.get("add_generation_prompt", True)
+            chat = {**model, "messages": body["messages"], "add_generation_prompt": add_generation_prompt}
+            return await self._tokenize(upstream, {**chat, **template})
+        return None  # a batch of prompts, or none: no one instance suits them
+
+    async def _tokenize(self, upstream: Upstream, request: dict) -> list[int] | None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=TOKENIZE_TIMEOUT_S)
+            async with self._session.post(f"{upstream.url}/tokenize", json=request, timeout=timeout) as answer:
+                if answer.status >= 500:
+                    self._failed(upstream, f"/tokenize answered HTTP {answer.status}")
+                answer.raise_for_status()
+                return list((await answer.json())["tokens"])
+        except (aiohttp.ClientResponseError, ValueError, KeyError, TypeError) as exc:  # up, but no tokens
+            problem = describe(exc)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = describe(exc)
+            self._failed(upstream, f"/tokenize failed: {problem}")
+        logger.warning("kvshelf proxy: tokenizing on %s failed (%s); routing in turn", upstream.url, problem)
+        return None
+
+    async def _lookup(self, upstream: Upstream, token_ids: list[int], cache_salt: str | None) -> int:
+        """Leading tokens the instance's kvshelf holds; 0 without lookup= or without an answer in time."""
+        address = upstream.instance.lookup
+        if address is None:
+            return 0
+        # A fresh REQ socket per question: one that missed its reply can send no more, so it is closed.
+        socket = self._zmq.socket(zmq.REQ)
+        socket.connect(address)
+        frames = [json.dumps({"cache_salt": cache_salt}).encode(), np.asarray(token_ids, dtype="<i4").tobytes()]
+        try:
+            return await asyncio.wait_for(_ask(socket, frames), LOOKUP_TIMEOUT_S)
+        except (TimeoutError, zmq.ZMQError, ValueError) as exc:
+            logger.warning("kvshelf proxy: lookup at %s failed (%s); counting 0 tokens", address, describe(exc))
+            return 0
+        finally:
+            socket.close(linger=0)
+
+    # -- forwarding --
+
+    async def _prefill(self, path: str, body: dict, push_to: str | None,
+                       held: dict[str, int] | None) -> Upstream | web.Response | None:
+        """Run the prefill: the instance that did, a client error to hand back as is, or None when none could."""
+        request = prefill_request(body, {"push_to": push_to} if self.config.channel == "push" else {})
+        for upstream in self._by_policy("prefill", held):
+            upstream.num_requests += 1
+            try:
+                async with self._session.post(upstream.url + path, json=request) as answer:
+                    payload = await answer.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._failed(upstream, f"prefill failed: {describe(exc)}")
+                continue
+            if answer.status == 200:
+                return upstream
+            if answer.status < 500:
+                proxied = {"x-kvshelf-prefill": upstream.url, "x-kvshelf-instance": upstream.url}
+                return web.Response(body=payload, status=answer.status, headers={**proxied, **content_type(answer)})
+            self._failed(upstream, f"prefill answered HTTP {answer.status}")
+        return None
+
+    async def _answer(self, request: web.Request, upstreams: Iterable[Upstream], pool: str, body: dict | None,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        """The answer of the first of `upstreams` that did not fail before the client got a byte of it."""
+        for upstream in upstreams:
+            response = await self._relay(request, upstream, body, {**headers, "x-kvshelf-instance": upstream.url})
+            if response is not None:
+                return response
+        raise unavailable(pool)
+
+    async def _relay(self, request: web.Request, upstream: Upstream, body: dict | None,
+                     headers: dict[str, str]) -> web.StreamResponse | None:
+        upstream.num_requests += 1
+        try:
+            async with self._session.request(request.method, upstream.url + request.path, json=body) as answer:
+                if answer.status >= 500:
+                    self._failed(upstream, f"{request.path} answered HTTP {answer.status}")
+                    return None
+                if answer.content_type == "text/event-stream":
+                    return await self._stream(request, upstream, answer, {**headers, **content_type(answer)})
+                payload = await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._failed(upstream, f"{request.path} failed: {describe(exc)}")
+            return None
+        return web.Response(body=payload, status=answer.status, headers={**headers, **content_type(answer)})
+
+    async def _stream(self, request: web.Request, upstream: Upstream, answer: aiohttp.ClientResponse,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        """Relay server-sent events as they come; past the first byte, a failure can only end the stream."""
+        response = web.StreamResponse(status=answer.status, headers=headers)
+        try:
+            await response.prepare(request)
+            while chunk := await self._read_chunk(upstream, answer):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client left; leaving `async with answer` drops the upstream request
+            logger.info("kvshelf proxy: the client left a stream from %s", upstream.url)
+        return response
+
+    async def _read_chunk(self, upstream: Upstream, answer: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await answer.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._failed(upstream, f"the stream broke off: {describe(exc)}")
+            return b""
+
+    # -- endpoints --
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        body = await read_body(request)
+        if self.config.instances:
+            held = await self._held_tokens(request.path, body, "colocated")
+            return await self._answer(request, self._by_policy("colocated", held), "colocated", body, {})
+        # The decode instance comes first: a pushed prefill needs its address.
+        decodes = self._in_turn("decode")
+        decode = next(decodes, None)
+        if decode is None:
+            raise unavailable("decode")
+        held = await self._held_tokens(request.path, body, "prefill")
+        prefill = await self._prefill(request.path, body, decode.instance.kv, held)
+        if isinstance(prefill, web.Response):
+            return prefill
+        if prefill is None:
+            self._num_prefill_fallbacks += 1
+            logger.warning("kvshelf proxy: no prefill instance could serve; the decode instance computes the prefill")
+        headers = {"x-kvshelf-prefill": prefill.url if prefill else "none"}
+        return await self._answer(request, chain([decode], decodes), "decode", body, headers)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        pool = "colocated" if self.config.instances else "decode"
+        return await self._answer(request, self._in_turn(pool), pool, None, {})
+
+    async def health(self, request: web.Request) -> web.Response:
+        healthy = {pool: len(self._healthy(pool)) for pool in self.pools}
+        return web.json_response({"healthy_instances": healthy}, status=200 if all(healthy.values()) else 503)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "routing": self.config.routing,
+            "instances": {upstream.url: upstream.as_json() for pool in self.pools.values() for upstream in pool},
+            "decisions": dict(self._reasons),
+            "kv_aware_hits": sum(self._reasons[reason] for reason in KV_AWARE_HITS),
+            "kv_aware_fallbacks": sum(self._reasons[reason] for reason in KV_AWARE_FALLBACKS),
+            "prefill_fallbacks": self._num_prefill_fallbacks,
+            "recent_decisions": list(self._decisions),
+        })
+
+
+async def _ask(socket: zmq.asyncio.Socket, frames: list[bytes]) -> int:
+    await socket.send_multipart(frames)
+    return int(await socket.recv())
+
+
+def prefill_request(body: dict, kvshelf_params: dict) -> dict:
+    """The client's request cut to its prefill: one token, not streamed, with kvshelf's transfer parameters."""
+    request = {**body, "max_tokens": 1, "stream": False, "n": 1, "kv_transfer_params": {"kvshelf": kvshelf_params}}
+    request.pop("stream_options", None)
+    if "max_completion_tokens" in body:
+        request["max_completion_tokens"] = 1
+    return request
+
+
+async def read_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise openai_error(web.HTTPBadRequest, f"the body is not valid JSON: {exc}", "invalid_request_error") from exc
+    if not isinstance(body, dict):
+        raise openai_error(web.HTTPBadRequest, "the body must be a JSON object", "invalid_request_error")
+    return body
+
+
+def content_type(answer: aiohttp.ClientResponse) -> dict[str, str]:
+    return {"Content-Type": answer.headers.get("Content-Type", "application/json")}
+
+
+def openai_error(error_class: type[web.HTTPException], message: str, error_type: str) -> web.HTTPException:
+    body = {"error": {"message": message, "type": error_type, "code": error_class.status_code}}
+    return error_class(text=json.dumps(body), content_type="application/json")
+
+
+def unavailable(pool: str) -> web.HTTPException:
+    return openai_error(web.HTTPServiceUnavailable, f"no healthy {pool} instance", "service_unavailable")
+
+
+def describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def api_key_middleware(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler):
+        given = request.headers.get("Authorization", "").encode()
+        if request.path != "/health" and not hmac.compare_digest(given, expected):
+            raise openai_error(web.HTTPUnauthorized, "missing or wrong API key (Authorization: Bearer <key>)",
+                               "authentication_error")
+        return await handler(request)
+
+    return check_api_key
+
+
+def build_app(config: ProxyConfig) -> web.Application:
+    proxy = Proxy(config)
+    middlewares = [api_key_middleware(config.api_key)] if config.api_key else []
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app.router.add_post(COMPLETIONS, proxy.completion)
+    app.router.add_post(CHAT_COMPLETIONS, proxy.completion)
+    app.router.add_get("/v1/models", proxy.models)
+    app.router.add_get("/health", proxy.health)
+    app.router.add_get("/proxy/stats", proxy.stats)
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    return app
+
+
+def run_proxy(config: ProxyConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    mode = "colocated" if config.instances else f"disaggregated, {config.channel} channel"
+    banner = f"kvshelf proxy on http://{host}:{port} ({mode}, {config.routing} routing)"
+    web.run_app(build_app(config), host=host, port=port, print=lambda _: print(banner, file=sys.stderr, flush=True))
+
+
+def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    spec = f"SPEC is {SPEC_FORM}; repeatable"
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--prefill", action="append", default=[], metavar="SPEC", help=f"a prefill instance; {spec}")
+    parser.add_argument("--decode", action="append", default=[], metavar="SPEC", help=f"a decode instance; {spec}")
+    parser.add_argument("--instance", action="append", default=[], metavar="SPEC",
+                        help=f"a colocated instance, answering whole requests (not with --prefill/--decode); {spec}")
+    parser.add_argument("--routing", choices=ROUTINGS, default="kv-aware",
+                        help="how the prefill (or colocated) instance is chosen (default: kv-aware)")
+    parser.add_argument("--channel", choices=CHANNELS, default="tier",
+                        help="how KV reaches the decode instance: a shared tier such as Redis, or pushed to its kv= "
+                        "address (default: tier)")
+    parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per upstream request")
+    parser.add_argument("--api-key", help=f"require Authorization: Bearer <key> (default: ${API_KEY_ENV})")
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ProxyConfig:
+    environ = os.environ if environ is None else environ
+    return ProxyConfig(
+        prefill=tuple(parse_instance(spec) for spec in args.prefill),
+        decode=tuple(parse_instance(spec) for spec in args.decode),
+        instances=tuple(parse_instance(spec) for spec in args.instance),
+        routing=args.routing,
+        channel=args.channel,
+        health_interval_s=args.health_interval,
+        timeout_s=args.timeout,
+        api_key=args.api_key or environ.get(API_KEY_ENV) or None,
+    )
