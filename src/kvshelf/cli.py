@@ -90,6 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` arguments")
     serve.set_defaults(handler=run_serve)
 
+    proxy = commands.add_parser("proxy", help="OpenAI-compatible proxy: prefill/decode split, KV-aware routing")
+    from kvshelf.proxy import add_proxy_arguments
+
+    add_proxy_arguments(proxy)
+    proxy.set_defaults(handler=run_proxy)
+
+    pd = commands.add_parser("pd", help="start one prefill and one decode instance and the proxy on this machine")
+    pd.add_argument("--port", type=int, default=8000, help="the proxy's port")
+    pd.add_argument("--channel", choices=["push", "tier"], default="push",
+                    help="push: KV straight into the decode instance; tier: through a shared Redis (--redis-url)")
+    pd.add_argument("--redis-url", help="the Redis both instances share (required with --channel tier)")
+    pd.add_argument("--memory-size", default="2GiB", help="each instance's memory tier")
+    pd.add_argument("--cpus", nargs=2, metavar=("PREFILL", "DECODE"),
+                    help="cores for each instance's threads (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 1")
+    pd.add_argument("--log-dir", default="out/pd", help="where each process logs")
+    pd.set_defaults(handler=run_pd)
+
     store_help = "the disk tier's directory (disk.path) or a Redis URL (redis://[user:password@]host:port/db)"
     store_commands = {
         "inspect": "what a store holds: chunks and bytes per namespace, damaged chunks (reads every chunk)",
@@ -231,6 +248,26 @@ def run_serve(args: argparse.Namespace) -> int:
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     exec_vllm(vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args, args.role))
     return 0  # not reached
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    from kvshelf.proxy import config_from_args
+    from kvshelf.proxy import run_proxy as serve_proxy
+
+    serve_proxy(config_from_args(args), args.host, args.port)
+    return 0
+
+
+def run_pd(args: argparse.Namespace) -> int:
+    from kvshelf.pd import new_instance, running, serve_forever
+
+    if args.channel == "tier" and not args.redis_url:
+        raise ValueError("--channel tier hands KV over through a shared Redis: give --redis-url redis://host:port/0")
+    instances = [new_instance("prefill"), new_instance("decode")]
+    print("starting a prefill and a decode instance (about a minute on a CPU)...", file=sys.stderr, flush=True)
+    with running(instances, Path(args.log_dir), args.channel, args.redis_url, args.memory_size,
+                 cpus=args.cpus, proxy_port=args.port) as setup:
+        return serve_forever(setup)
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -99,17 +99,18 @@ class Shelf:
         namespace: Namespace,
         mm_hashes: MMHashes = (),
         tail: bool = False,
-        count: bool = True,
+        probe: bool = False,
     ) -> int:
         """How many leading tokens are available: a multiple of chunk_size, or with `tail` all of
         `token_ids` when their trailing partial chunk was stored too (see `save_chunks`).
 
         `mm_hashes` are (token position, content hash) of multimodal inputs, as in `chunk_keys`.
-        Without `count`, the lookup is left out of the hit statistics (a router's probe).
+        A `probe` (a router asking where to send a prompt) counts only this instance's own tiers,
+        since a shared one serves every instance alike, and is left out of the hit statistics.
         """
         keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)
-        num_tokens = min(self._stack.contains_prefix(keys) * self.chunk_size, len(token_ids))
-        if count:
+        num_tokens = min(self._stack.contains_prefix(keys, shared=not probe) * self.chunk_size, len(token_ids))
+        if not probe:
             self.metrics.counters.lookup_tokens += len(token_ids)
             self.metrics.counters.hit_tokens += num_tokens
         return num_tokens

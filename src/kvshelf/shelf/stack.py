@@ -53,14 +53,16 @@ class TierStack:
     def tiers(self) -> list[Tier]:
         return [self.memory, *(slot.tier for slot in self.lower)]
 
-    def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
-        """Leading keys available in the union of all tiers (chunk 0 in memory, chunk 1 on disk counts)."""
+    def contains_prefix(self, keys: Sequence[ChunkKey], shared: bool = True) -> int:
+        """Leading keys available in the union of all tiers (chunk 0 in memory, chunk 1 on disk counts);
+        without `shared`, of this instance's own tiers only."""
+        lower = [slot for slot in self.lower if shared or not slot.tier.shared]
         num_found = 0
         progressed = True
         while progressed and num_found < len(keys):
             progressed = False
             num_found += self.memory.contains_prefix(keys[num_found:])
-            for slot in self.lower:
+            for slot in lower:
                 found = self._guarded(slot, 0, slot.tier.contains_prefix, keys[num_found:])
                 num_found += found
                 progressed = progressed or found > 0

@@ -34,6 +34,7 @@ class TierCounters:
 
 class Tier(ABC, Generic[Value]):
     name: str
+    shared = False  # True: every instance reads the same store (so it says nothing about where KV is)
 
     def __init__(self, capacity_bytes: int) -> None:
         self.counters = TierCounters()

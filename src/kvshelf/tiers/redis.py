@@ -84,6 +84,7 @@ class _Node:
 
 class RedisTier(Tier[bytes]):
     name = "redis"
+    shared = True
 
     def __init__(self, config: RedisConfig, backoff_s: float) -> None:
         super().__init__(capacity_bytes=0)  # Redis's maxmemory, read by connect(); 0 = no limit

@@ -8,7 +8,7 @@ on the machine might write to. Lookups count stored tails (see kvshelf.keys).
 
 `RoutingLookupServer` answers the same question over TCP for a KV-aware router (`kvshelf
 proxy`), which knows only token ids and the tenant's cache_salt; its probes are left out of the
-hit statistics.
+hit statistics and count only the instance's own tiers (memory, disk, inbox), not a shared Redis.
 """
 
 import dataclasses
@@ -43,7 +43,7 @@ def answer(shelf: Shelf, frames: list[bytes]) -> int:
     mm_hashes = [(position, bytes.fromhex(digest)) for position, digest in header["mm_hashes"]]
     token_ids = np.frombuffer(frames[1], dtype="<i4").tolist()
     namespace = Namespace.from_description(header["namespace"])
-    return shelf.lookup(token_ids, namespace, mm_hashes, tail=True, count=not header.get("probe", False))
+    return shelf.lookup(token_ids, namespace, mm_hashes, tail=True, probe=header.get("probe", False))
 
 
 class LookupServer:

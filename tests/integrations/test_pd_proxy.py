@@ -1,0 +1,181 @@
+"""1P1D behind `kvshelf proxy`, all real: two `kvshelf serve` instances (prefill, decode), a
+redis-server they share, and proxies over them, each its own process on loopback.
+
+The prefill instance is also the reference: asked directly, it is a plain vLLM instance.
+"""
+
+import json
+import re
+import subprocess
+import threading
+
+import httpx
+import pytest
+
+from kvshelf.bench.redis_servers import RedisServer, free_port
+from kvshelf.pd import new_instance, proxy_argv, running, stop, wait_healthy
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pd-proxy")
+    redis = RedisServer(work).start()
+    instances = [new_instance("prefill"), new_instance("decode")]
+    try:
+        with running(instances, work / "logs", "push", redis.url, memory_size="1GiB",
+                     vllm_args=["--max-model-len", "2048"]) as live:
+            yield live, redis, work
+    finally:
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def texts(corpus_ids):
+    from transformers import AutoTokenizer
+
+    from kvshelf.models import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    return [tokenizer.decode(corpus_ids[900 * index : 900 * index + 600]) for index in range(8)]
+
+
+def complete(url: str, prompt: str, **fields) -> httpx.Response:
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0} | fields
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def text_of(response: httpx.Response) -> str:
+    return response.json()["choices"][0]["text"]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """The sum of a Prometheus counter's samples that carry `labels`."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        match = re.match(rf"{re.escape(name)}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if match and all(f'{key}="{value}"' in (match.group(1) or "") for key, value in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def by_source(url: str) -> dict[str, float]:
+    return {source: metric(url, "vllm:prompt_tokens_by_source_total", source=source)
+            for source in ("local_compute", "external_kv_transfer")}
+
+
+@pytest.fixture
+def proxy(setup):
+    """A proxy of its own over the module's instances: `proxy(channel=..., routing=..., instances=...)`."""
+    live, _, work = setup
+    started = []
+
+    def start(channel="push", routing="kv-aware", colocated=False):
+        instances = live.instances
+        if colocated:
+            instances = [type(instance)("both", instance.port, instance.lookup_address) for instance in instances]
+        port = free_port()
+        process = subprocess.Popen(proxy_argv(port, instances, channel, routing),
+                                   stdout=open(work / f"proxy-{port}.log", "w"), stderr=subprocess.STDOUT)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, work / f"proxy-{port}", timeout_s=60)
+        return url
+
+    yield start
+    for process in started:
+        stop(process)
+
+
+def test_pushed_kv_gives_the_tokens_of_a_single_instance(setup, texts):
+    live, _, _ = setup
+    prefill, decode = live.instances
+    reference = text_of(complete(prefill.url, texts[0]))
+    before = by_source(decode.url)
+    received_before = metric(decode.url, "vllm:kvshelf_received_chunks_total")
+    answer = complete(live.proxy_url, texts[0])
+    after = by_source(decode.url)
+    assert text_of(answer) == reference
+    assert answer.headers["x-kvshelf-instance"] == decode.url
+    prompt_tokens = answer.json()["usage"]["prompt_tokens"]
+    # The decode instance computed only the last prompt token; the rest came from the prefill instance.
+    assert after["local_compute"] - before["local_compute"] == 1
+    assert after["external_kv_transfer"] - before["external_kv_transfer"] == prompt_tokens - 1
+    assert metric(decode.url, "vllm:kvshelf_received_chunks_total") > received_before
+
+
+def test_streamed_answers_and_chat_match_too(setup, texts):
+    live, _, _ = setup
+    prefill, _ = live.instances
+    reference = text_of(complete(prefill.url, texts[1]))
+    with httpx.stream("POST", f"{live.proxy_url}/v1/completions", timeout=300, json={
+        "model": "smollm2", "prompt": texts[1], "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": True,
+    }) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: {")]
+    assert "".join(json.loads(event)["choices"][0]["text"] for event in events) == reference
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": texts[2]}], "max_tokens": MAX_TOKENS,
+            "temperature": 0.0}
+    direct = httpx.post(f"{prefill.url}/v1/chat/completions", json=chat, timeout=300).json()
+    proxied = httpx.post(f"{live.proxy_url}/v1/chat/completions", json=chat, timeout=300).json()
+    assert proxied["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+
+
+def test_kv_through_the_shared_redis(setup, texts, proxy):
+    live, _, _ = setup
+    prefill, decode = live.instances
+    reference = text_of(complete(prefill.url, texts[3], cache_salt="tier-test"))
+    url = proxy(channel="tier")
+    before = by_source(decode.url)
+    loaded_before = metric(decode.url, "vllm:kvshelf_redis_loaded_bytes_total")
+    answer = complete(url, texts[3])
+    after = by_source(decode.url)
+    assert text_of(answer) == reference
+    assert after["local_compute"] - before["local_compute"] == 1
+    assert metric(decode.url, "vllm:kvshelf_redis_loaded_bytes_total") > loaded_before
+
+
+def test_kv_aware_routing_sends_a_repeated_prompt_to_the_instance_holding_it(setup, texts, proxy):
+    live, _, _ = setup
+    prefill, decode = live.instances
+    complete(prefill.url, texts[4])  # only the prefill instance saves: it now holds this prompt
+    url = proxy(colocated=True)
+    served_by = [complete(url, texts[4]).headers["x-kvshelf-instance"] for _ in range(3)]
+    assert served_by == [prefill.url] * 3
+    round_robin = proxy(colocated=True, routing="round-robin")
+    assert {complete(round_robin, texts[4]).headers["x-kvshelf-instance"] for _ in range(2)} == {
+        prefill.url, decode.url}
+    stats = httpx.get(f"{url}/proxy/stats", timeout=10).json()
+    assert stats["kv_aware_hits"] >= 3
+
+
+def test_a_dead_prefill_instance_is_routed_around(setup, texts):
+    """Last in the module: it kills the prefill instance."""
+    live, _, _ = setup
+    prefill, decode = live.instances
+    references = [text_of(complete(prefill.url, text, cache_salt="reference")) for text in texts[5:8]]
+    answers: list = [None] * 3
+
+    def ask(index):
+        try:
+            answers[index] = complete(live.proxy_url, texts[5 + index])
+        except AssertionError as exc:  # a non-200 answer
+            answers[index] = exc
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    live.processes["prefill-0"].kill()
+    for thread in threads:
+        thread.join(timeout=300)
+    for answer, reference in zip(answers, references):
+        if isinstance(answer, httpx.Response):
+            assert text_of(answer) == reference
+            assert answer.headers["x-kvshelf-instance"] == decode.url
+        else:
+            assert "503" in str(answer)
+    later = complete(live.proxy_url, texts[5])  # with the prefill instance gone, decode computes it all
+    assert text_of(later) == references[0] and later.headers["x-kvshelf-prefill"] == "none"
