@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     rag.add_argument("--out", default="out/rag")
     rag.set_defaults(handler=run_rag_bench)
 
+    pd_bench = benches.add_parser("pd", help="mixed workload: colocated vs 1P1D behind the proxy (ITL, TTFT, push)")
+    pd_bench.add_argument("--users", type=int, default=2, help="users decoding without pause")
+    pd_bench.add_argument("--long-prompts", type=int, default=6)
+    pd_bench.add_argument("--long-prompt-tokens", type=int, default=1536)
+    pd_bench.add_argument("--interval", type=float, default=4.0, help="seconds between long prompts")
+    pd_bench.add_argument("--out", default="out/pd")
+    pd_bench.set_defaults(handler=run_pd_bench)
+
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -236,6 +244,17 @@ def run_rag_bench(args: argparse.Namespace) -> int:
     model, tokenizer, token_ids = _bundled_corpus()
     summary = run_rag(model, tokenizer, token_ids, spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
     return _report(Path(args.out), summary, rag_table(summary), {"rag.png": plot_rag})
+
+
+def run_pd_bench(args: argparse.Namespace) -> int:
+    from kvshelf.bench.pd_bench import MixedWorkload, pd_table
+    from kvshelf.bench.pd_bench import run_pd_bench as pd_bench
+    from kvshelf.bench.report import plot_pd
+
+    spec = MixedWorkload(num_users=args.users, num_long_prompts=args.long_prompts,
+                         long_prompt_tokens=args.long_prompt_tokens, long_interval_s=args.interval)
+    summary = pd_bench(Path(args.out), spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return _report(Path(args.out), summary, pd_table(summary), {"pd.png": plot_pd})
 
 
 def run_serve(args: argparse.Namespace) -> int:

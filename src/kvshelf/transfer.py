@@ -2,9 +2,11 @@
 
 The producer's `KVPusher` offers a request's chunk keys; the consumer's `KVReceiver` answers
 which it lacks (neither in memory nor already in its inbox); the producer sends only those,
-framed and checksummed like any stored chunk, one at a time with an acknowledgement each.
-A receiver whose inbox is full answers "full" and the pusher retries until its timeout, so a
-slow decode instance slows the pushes instead of losing memory. A push that times out or fails
+framed and checksummed like any stored chunk, in messages of up to PUT_BATCH_BYTES with one
+acknowledgement each. (The receiver is a thread in a busy engine process: every message costs
+it a turn at the GIL, so few large messages beat one per chunk several times over.) A receiver
+whose inbox has no room for a message answers "full" and the pusher retries until its timeout,
+so a slow decode instance slows the pushes instead of losing memory. A push that times out or fails
 is given up: the decode instance then misses and recomputes, so the request still succeeds.
 
 Messages: [seq, op, JSON header, *frame parts]; replies [seq, status, JSON]. Nothing is
@@ -29,6 +31,7 @@ from kvshelf.tiers.inbox import InboxTier
 logger = logging.getLogger(__name__)
 POLL_MS = 100
 FULL_RETRY_S = 0.02
+PUT_BATCH_BYTES = 64 * 2**20
 _SEQ = struct.Struct("<Q")
 
 
@@ -79,8 +82,10 @@ class KVReceiver:
         while not self._stopped.is_set():
             if not self._socket.poll(POLL_MS):
                 continue
-            peer, seq, op, header, *parts = self._socket.recv_multipart(copy=False)
+            peer, *frames = self._socket.recv_multipart(copy=False)
+            seq = frames[0].bytes if frames else b""
             try:
+                _, op, header, *parts = frames
                 status, answer = self._handle(op.bytes, json.loads(header.bytes), [part.buffer for part in parts])
             except Exception as exc:  # noqa: BLE001 - a bad message is refused, never a dead receiver
                 logger.warning("kvshelf: refused a bad push message: %s", exc)
@@ -91,14 +96,15 @@ class KVReceiver:
         if op == b"offer":
             keys = [_key_of(pair) for pair in header["keys"]]
             return b"ok", [index for index, held in enumerate(self._held(keys)) if not held]
-        if op == b"put":
-            key = _key_of(header["key"])
-            num_bytes = sum(part.nbytes for part in parts)
-            if not self._inbox.offer(num_bytes):
-                self.counters.refused_chunks += 1
+        if op == b"put":  # keys, then each chunk's framed object as two frames (header, payload)
+            keys = [_key_of(pair) for pair in header["keys"]]
+            if len(parts) != 2 * len(keys):
+                raise ValueError(f"{len(keys)} keys but {len(parts)} frames; expected 2 per chunk")
+            if not self._inbox.offer(sum(part.nbytes for part in parts)):
+                self.counters.refused_chunks += len(keys)
                 return b"full", None
-            self._inbox.put_many([(key, parts)])
-            self.counters.received_chunks += 1
+            self._inbox.put_many([(key, parts[2 * index : 2 * index + 2]) for index, key in enumerate(keys)])
+            self.counters.received_chunks += len(keys)
             return b"ok", None
         raise ValueError(f"unknown operation {op!r}")
 
@@ -127,25 +133,36 @@ class KVPusher:
         deadline_s = time.monotonic() + self.timeout_s
         try:
             _, needed = self._ask(address, b"offer", {"keys": [_key_json(key) for key in keys]}, [], deadline_s)
-            for index in needed:
+            batch: list[tuple[ChunkKey, list]] = []
+            batch_bytes = 0
+            for position, index in enumerate(needed):
                 parts = frame_parts(chunk_at(index), keys[index].digest, CODECS["raw"])
-                while True:
-                    status, _ = self._ask(address, b"put", {"key": _key_json(keys[index])}, parts, deadline_s)
-                    if status == b"ok":
-                        break
-                    if status != b"full":
-                        raise PushFailed(f"refused: {status.decode(errors='replace')}")
-                    time.sleep(FULL_RETRY_S)  # back-pressure: the decode side has no room yet
-                self.counters.pushed_chunks += 1
-                self.counters.pushed_bytes += sum(memoryview(part).nbytes for part in parts)
+                batch.append((keys[index], parts))
+                batch_bytes += sum(memoryview(part).nbytes for part in parts)
+                if batch_bytes >= PUT_BATCH_BYTES or position == len(needed) - 1:
+                    self._put(address, batch, deadline_s)
+                    self.counters.pushed_chunks += len(batch)
+                    self.counters.pushed_bytes += batch_bytes
+                    batch, batch_bytes = [], 0
             return True
-        except PushFailed as exc:
+        except (PushFailed, zmq.ZMQError) as exc:
             logger.warning("kvshelf: pushing KV to %s failed (%s); the decode instance will recompute", address, exc)
             self.counters.push_failures += 1
             self._drop(address)
             return False
         finally:
             self.counters.push_ms += round((time.perf_counter() - started_s) * 1000)
+
+    def _put(self, address: str, batch: list[tuple[ChunkKey, list]], deadline_s: float) -> None:
+        header = {"keys": [_key_json(key) for key, _ in batch]}
+        frames = [part for _, parts in batch for part in parts]
+        while True:
+            status, answer = self._ask(address, b"put", header, frames, deadline_s)
+            if status == b"ok":
+                return
+            if status != b"full":
+                raise PushFailed(f"refused: {status.decode(errors='replace')} {answer}")
+            time.sleep(FULL_RETRY_S)  # back-pressure: the decode side has no room yet
 
     def _ask(self, address: str, op: bytes, header: dict, parts: list, deadline_s: float) -> tuple[bytes, object]:
         socket = self._sockets.get(address) or self._connect(address)
@@ -163,7 +180,11 @@ class KVPusher:
     def _connect(self, address: str) -> zmq.Socket:
         socket = zmq.Context.instance().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(address)
+        try:
+            socket.connect(address)
+        except zmq.ZMQError as exc:
+            socket.close(linger=0)
+            raise PushFailed(f"cannot connect ({exc})") from exc
         self._sockets[address] = socket
         return socket
 

@@ -144,6 +144,21 @@ def plot_rag(summary: dict, path: Path) -> None:
     _save(figure, path)
 
 
+def plot_pd(summary: dict, path: Path) -> None:
+    setups = summary["setups"]
+    figure, (itl_axis, ttft_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for offset, (key, label) in enumerate([("itl_p50_ms", "p50"), ("itl_p99_ms", "p99")]):
+        itl_axis.bar([index + 0.4 * offset for index in range(len(setups))],
+                     [row[key] for row in setups.values()], width=0.4, label=label)
+    itl_axis.set_xticks([index + 0.2 for index in range(len(setups))], list(setups))
+    itl_axis.set_ylabel("inter-token latency of decoding users (ms)")
+    itl_axis.legend()
+    ttft_axis.bar(list(setups), [row["long_ttft_mean_s"] for row in setups.values()])
+    ttft_axis.set_ylabel("TTFT of the long prompts (s)")
+    figure.suptitle("Long prompts arriving while users decode")
+    _save(figure, path)
+
+
 def _labelled_scatter(points: dict[str, tuple[float, float]]):
     """One labelled dot per entry of `points` (label -> (x, y))."""
     figure, axis = plt.subplots(figsize=(7, 4))

@@ -54,10 +54,11 @@ class InboxTier(Tier[bytes]):
             self._expire()
             for key, parts in items:
                 size_bytes = parts_bytes(parts)
-                self._remove(key)
-                if self._used_bytes + size_bytes > self._capacity_bytes:
+                held = self._blobs.get(key)
+                if self._used_bytes - (len(held[1]) if held else 0) + size_bytes > self._capacity_bytes:
                     self.counters.num_rejected_writes += 1
                     continue
+                self._remove(key)
                 self._blobs[key] = (time.monotonic() + self.ttl_s, b"".join(parts))
                 self._used_bytes += size_bytes
 
@@ -65,6 +66,11 @@ class InboxTier(Tier[bytes]):
         with self._lock:
             for key in keys:
                 self._remove(key)
+
+    def refresh_usage(self) -> None:
+        """Drop what expired, so stats show it gone."""
+        with self._lock:
+            self._expire()
 
     def _remove(self, key: ChunkKey) -> None:
         entry = self._blobs.pop(key, None)
