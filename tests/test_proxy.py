@@ -14,7 +14,7 @@ import zmq.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvshelf.proxy import (
+from kvshelf.disagg.proxy import (
     SPEC_FORM,
     Instance,
     ProxyConfig,

@@ -16,9 +16,9 @@ from kvshelf import Shelf, load_config
 from kvshelf.bench.redis_servers import free_port
 from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES
+from kvshelf.disagg.transfer import KVPusher, KVReceiver, TransferCounters
 from kvshelf.keys import ChunkKey, chunk_keys
 from kvshelf.tiers.inbox import InboxTier
-from kvshelf.transfer import KVPusher, KVReceiver, TransferCounters
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 
 TOKENS = list(range(200, 210))  # 2 full chunks of 4 and a tail of 2

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(handler=run_serve)
 
     proxy = commands.add_parser("proxy", help="OpenAI-compatible proxy: prefill/decode split, KV-aware routing")
-    from kvshelf.proxy import add_proxy_arguments
+    from kvshelf.disagg.proxy import add_proxy_arguments
 
     add_proxy_arguments(proxy)
     proxy.set_defaults(handler=run_proxy)
@@ -270,15 +270,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_proxy(args: argparse.Namespace) -> int:
-    from kvshelf.proxy import config_from_args
-    from kvshelf.proxy import run_proxy as serve_proxy
+    from kvshelf.disagg.proxy import config_from_args
+    from kvshelf.disagg.proxy import run_proxy as serve_proxy
 
     serve_proxy(config_from_args(args), args.host, args.port)
     return 0
 
 
 def run_pd(args: argparse.Namespace) -> int:
-    from kvshelf.pd import new_instance, running, serve_forever
+    from kvshelf.disagg.launch import new_instance, running, serve_forever
 
     if args.channel == "tier" and not args.redis_url:
         raise ValueError("--channel tier hands KV over through a shared Redis: give --redis-url redis://host:port/0")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from kvshelf.bench.redis_servers import RedisServer, free_port
-from kvshelf.pd import new_instance, proxy_argv, running, stop, wait_healthy
+from kvshelf.disagg.launch import new_instance, proxy_argv, running, stop, wait_healthy
 
 MAX_TOKENS = 12
 

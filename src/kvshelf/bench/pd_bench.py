@@ -22,7 +22,7 @@ import httpx
 
 from kvshelf.bench.client import Completion, CompletionClient
 from kvshelf.bench.serving import Texts
-from kvshelf.pd import Running, new_instance, running
+from kvshelf.disagg.launch import Running, new_instance, running
 
 SERVED_MODEL = "smollm2"
 STALL_FACTOR = 5  # a token gap this many times the median counts as a stall

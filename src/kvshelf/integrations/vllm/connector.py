@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
 
+from kvshelf.disagg.transfer import KVReceiver
 from kvshelf.integrations.vllm.context import EngineFacts, engine_facts, shelf_config
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
@@ -34,7 +35,6 @@ from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.shelf import Shelf
-from kvshelf.transfer import KVReceiver
 
 logger = logging.getLogger(__name__)
 LOOKUP_TIMEOUT_S = 5.0

@@ -10,8 +10,8 @@ from typing import Any
 from prometheus_client import Counter
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
+from kvshelf.disagg.transfer import TransferCounters
 from kvshelf.shelf import Shelf
-from kvshelf.transfer import TransferCounters
 
 # What each counter means; tier-specific ones are reported per tier ("disk_loaded_bytes").
 DESCRIPTIONS = {

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 import torch
 
+from kvshelf.disagg.transfer import KVPusher, TransferCounters
 from kvshelf.integrations.vllm.context import EngineFacts
 from kvshelf.integrations.vllm.paged import PagedKV, block_views, check_cpu_layout
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.integrations.vllm.stats import flat_counters
 from kvshelf.keys import Namespace, chunk_keys
 from kvshelf.shelf import Shelf
-from kvshelf.transfer import KVPusher, TransferCounters
 
 logger = logging.getLogger(__name__)
 
