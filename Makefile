@@ -6,7 +6,7 @@ STAMP := $(VENV)/.kvshelf-installed
 
 LMCACHE_VENV := .venv-lmcache
 
-.PHONY: setup redis-server demo test bench compare lmcache-env clean
+.PHONY: setup redis-server demo test bench compare pd lmcache-env clean
 
 setup: $(STAMP) redis-server
 
@@ -40,6 +40,10 @@ test: setup
 
 bench: setup
 	$(BIN)/kvshelf bench long-doc-qa
+
+# One prefill and one decode instance behind `kvshelf proxy` on http://127.0.0.1:8000/v1 (Ctrl-C stops all).
+pd: setup
+	$(BIN)/kvshelf pd
 
 # LMCache for `kvshelf bench compare`, in an environment of its own: lmcache==0.5.6 pins
 # numpy, protobuf and grpcio below what kvshelf's environment has.

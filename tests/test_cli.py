@@ -126,3 +126,18 @@ def test_serve_refuses_a_bad_config_before_starting_vllm(capsys):
 def test_serve_refuses_a_redis_it_cannot_reach_before_starting_vllm(capsys):
     assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
     assert "cannot reach Redis at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_bad_receive_address_before_starting_vllm(capsys):
+    assert main(["serve", "--role", "decode", "--receive-address", "localhost:5600"]) == 2
+    assert "pd.receive_address must be tcp://host:port" in capsys.readouterr().err
+
+
+def test_pd_over_a_tier_needs_the_redis_to_share(capsys):
+    assert main(["pd", "--channel", "tier"]) == 2
+    assert "--redis-url" in capsys.readouterr().err
+
+
+def test_proxy_refuses_a_push_channel_without_receive_addresses(capsys):
+    assert main(["proxy", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--channel", "push"]) == 2
+    assert "kv=" in capsys.readouterr().err

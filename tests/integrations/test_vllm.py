@@ -93,8 +93,8 @@ def test_partial_prefix(scenario):
     assert scenario["a"][2]["output_ids"] == scenario["reference"]["doc_other_tail"]["output_ids"]
 
 
-def test_exact_multiple_of_chunk_size_recomputes_the_last_chunk(scenario):
-    assert scenario["a"][4]["num_cached_tokens"] == 2 * CHUNK_SIZE
+def test_exact_multiple_of_chunk_size_loads_all_but_the_last_token(scenario):
+    assert scenario["a"][4]["num_cached_tokens"] == 3 * CHUNK_SIZE - 1
     assert scenario["a"][4]["output_ids"] == scenario["reference"]["exact"]["output_ids"]
 
 

@@ -69,7 +69,7 @@ class SchedulerSide:
             self.requests[request.request_id] = state
         state.local_tokens = num_computed_tokens
         # Never claim the last prompt token: vLLM must compute it to sample the first output.
-        if prompt_ids and state.stored_tokens == len(prompt_ids):  # a handed-over tail: all but that token
+        if prompt_ids and state.stored_tokens == len(prompt_ids):  # all stored (ending in a chunk or a tail)
             usable = len(prompt_ids) - 1
         else:
             usable = min(state.stored_tokens, (len(prompt_ids) - 1) // self.chunk_size * self.chunk_size)
