@@ -139,5 +139,6 @@ def test_pd_over_a_tier_needs_the_redis_to_share(capsys):
 
 
 def test_proxy_refuses_a_push_channel_without_receive_addresses(capsys):
-    assert main(["proxy", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--channel", "push"]) == 2
+    pools = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"]
+    assert main(["proxy", *pools, "--channel", "push"]) == 2
     assert "kv=" in capsys.readouterr().err

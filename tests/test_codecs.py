@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -145,3 +147,17 @@ def test_truncated_payloads_raise_corrupt_chunk(name, num_tokens, data):
     cut = data.draw(st.integers(0, len(payload) - 1))
     with pytest.raises(CorruptChunk):
         unframe(frame(kv, KEY, _Verbatim(codec.id, payload[:cut])), KEY, CODECS_BY_ID)
+
+
+def test_cachegen_still_decodes_its_first_format():
+    """Chunks written before the first token was kept (payload version 1) decode as they did."""
+    stored = torch.load(Path(__file__).parent / "data" / "cachegen-v1.pt")
+    decoded = CODECS["cachegen"].decode(memoryview(stored["payload"]), stored["shape"], torch.float32)
+    assert torch.equal(decoded, stored["decoded"])
+
+
+def test_cachegen_keeps_a_chunks_first_token_nearly_exact():
+    kv = torch.randn(2, 2, 16, 3, 8) * 5
+    decoded = CODECS["cachegen-small"].decode(memoryview(CODECS["cachegen-small"].encode(kv)), kv.shape, kv.dtype)
+    assert torch.allclose(decoded[:, :, 0], kv[:, :, 0], rtol=2**-10, atol=1e-6)
+    assert not torch.allclose(decoded[:, :, 1:], kv[:, :, 1:], rtol=2**-10, atol=1e-6)
