@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     rag.add_argument("--doc-tokens", type=int, default=512)
     rag.add_argument("--num-prompts", type=int, default=8)
     rag.add_argument("--ratios", default="0,0.05,0.15,0.3", help="recompute ratios, comma-separated")
+    rag.add_argument("--check-layers", default="1",
+                     help="layers that select the tokens to recompute, comma-separated; several: gradual filtering")
     rag.add_argument("--out", default="out/rag")
     rag.set_defaults(handler=run_rag_bench)
 
@@ -240,7 +242,8 @@ def run_rag_bench(args: argparse.Namespace) -> int:
     from kvshelf.bench.rag import RagSpec, rag_table, run_rag
     from kvshelf.bench.report import plot_rag
 
-    spec = RagSpec(args.num_docs, args.doc_tokens, args.num_prompts, tuple(float(r) for r in args.ratios.split(",")))
+    spec = RagSpec(args.num_docs, args.doc_tokens, args.num_prompts, tuple(float(r) for r in args.ratios.split(",")),
+                   check_layers=tuple(int(layer) for layer in args.check_layers.split(",")))
     model, tokenizer, token_ids = _bundled_corpus()
     summary = run_rag(model, tokenizer, token_ids, spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
     return _report(Path(args.out), summary, rag_table(summary), {"rag.png": plot_rag})

@@ -80,3 +80,26 @@ def test_the_last_token_must_be_computed(bundled, prompt):
     reused_kv = segment_kv(model, first, 0)
     with pytest.raises(ValueError, match="last token must be computed"):
         blend_prefill(model, first, reused_kv, torch.ones(len(first), dtype=torch.bool), 0.15)
+
+
+def test_gradual_filtering_narrows_to_the_ratio_and_reproduces_exact_kv(bundled, prompt):
+    model, _ = bundled
+    first, second, question = prompt
+    tokens = first + second + question
+    logits, exact_kv = full_prefill(model, tokens)
+    reused_kv, reused = reused_of(model, [first, second], question)
+    result = blend_prefill(model, tokens, reused_kv, reused, recompute_ratio=0.15, check_layers=(1, 8, 16))
+    assert result.num_recomputed == round(0.15 * 200)
+    single = blend_prefill(model, tokens, reused_kv, reused, recompute_ratio=0.15)
+    assert not torch.equal(result.last_logits, single.last_logits)  # other tokens were kept
+    # With the KV each token has in this very context, filtering changes nothing: a full prefill.
+    exact = blend_prefill(model, tokens, exact_kv, reused, recompute_ratio=0.15, check_layers=(1, 8, 16))
+    assert torch.allclose(exact.last_logits, logits, atol=1e-3)
+
+
+def test_check_layers_beyond_the_model_are_refused(bundled, prompt):
+    model, _ = bundled
+    first, _, question = prompt
+    reused_kv, reused = reused_of(model, [first], question)
+    with pytest.raises(ValueError, match="beyond the model's 30 layers"):
+        blend_prefill(model, first + question, reused_kv, reused, 0.15, check_layers=(1, 30))

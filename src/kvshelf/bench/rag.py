@@ -37,6 +37,7 @@ class RagSpec:
     doc_tokens: int = 512
     num_prompts: int = 8
     ratios: tuple[float, ...] = (0.0, 0.05, 0.15, 0.3)
+    check_layers: tuple[int, ...] = (1,)  # several: CacheBlend's gradual filtering
     chunk_size: int = 64
     max_new_tokens: int = 8
     seed: int = 0
@@ -119,7 +120,7 @@ def run_rag(model, tokenizer, token_ids: list[int], spec: RagSpec, progress=prin
             engine.generate([*(document.text for document in documents), "?"], 1, blend=BlendSettings())
             shelf.flush()
             for ratio in spec.ratios:
-                settings = BlendSettings(recompute_ratio=ratio)
+                settings = BlendSettings(recompute_ratio=ratio, check_layers=spec.check_layers)
                 measure(f"blend_{ratio}", lambda segments, ids, s=settings: engine.generate(
                     segments, spec.max_new_tokens, blend=s))
     return summarize(spec, records)
@@ -140,7 +141,8 @@ def summarize(spec: RagSpec, records: dict[str, list[dict]]) -> dict:
                 row["output_ids"] == ref["output_ids"] for row, ref in zip(rows, reference)
             ) / len(rows),
         }
-    return {"spec": vars(spec) | {"ratios": list(spec.ratios)}, "setups": setups, "records": records}
+    spec_json = vars(spec) | {"ratios": list(spec.ratios), "check_layers": list(spec.check_layers)}
+    return {"spec": spec_json, "setups": setups, "records": records}
 
 
 def mean_ttft_s(rows: list[dict]) -> float:

@@ -33,12 +33,14 @@ BLEND_VARIANT = ("blend", "segment")
 class BlendSettings:
     separator: str = "\n\n# # #\n\n"  # unlikely inside a document; documents hold blank lines
     recompute_ratio: float = 0.15
-    check_layer: int = 1
+    check_layers: tuple[int, ...] = (1,)  # several: gradual filtering (see blend.forward)
     min_segment_tokens: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio must lie in [0, 1], got {self.recompute_ratio}")
+        if not self.check_layers or min(self.check_layers) < 0:
+            raise ValueError(f"check_layers must name one or more layers, got {self.check_layers}")
         if not self.separator:
             raise ValueError("the blend separator must not be empty")
 
@@ -107,7 +109,7 @@ class Blender:
         load_s = time.perf_counter() - started_s
         settings = self.settings
         result = blend_prefill(
-            model, layout.token_ids, reused_kv, reused, settings.recompute_ratio, settings.check_layer
+            model, layout.token_ids, reused_kv, reused, settings.recompute_ratio, settings.check_layers
         )
         return result, missing, load_s
 

@@ -8,6 +8,10 @@ and only the top `recompute_ratio` of them, plus every token without reused KV (
 go on through the later layers. Their fresh KV replaces the reused KV; the others keep theirs.
 Queries of the computed tokens attend to all keys with the exact causal mask by position.
 
+Gradual filtering (several check layers): the first keeps twice `recompute_ratio`, each later
+one re-ranks the tokens still computed and keeps fewer, down to `recompute_ratio` at the last,
+so a token whose deviation shows only in deeper layers gets a second chance.
+
 Written for the Llama family's decoder layer (Llama, Qwen2, Mistral): pre-norm attention with
 rotate-half RoPE and grouped KV heads, then a pre-norm MLP.
 """
@@ -35,13 +39,15 @@ def blend_prefill(
     reused_kv: torch.Tensor,
     reused: torch.Tensor,
     recompute_ratio: float,
-    check_layer: int = 1,
+    check_layers: tuple[int, ...] = (1,),
 ) -> BlendResult:
     """Prefill `token_ids` at positions 0.. reusing `reused_kv` (layers, 2, tokens, kv_heads, head_dim),
     keys already at their positions, for the tokens where `reused` (tokens,) is True."""
     if reused[-1]:
         raise ValueError("the prompt's last token must be computed (it gives the first output token); do not reuse it")
     decoder = model.model
+    if max(check_layers) >= len(decoder.layers):
+        raise ValueError(f"check layers {check_layers} beyond the model's {len(decoder.layers)} layers")
     num_tokens = len(token_ids)
     positions = torch.arange(num_tokens)
     hidden = decoder.embed_tokens(torch.tensor([token_ids]))  # (1, tokens, hidden)
@@ -49,16 +55,19 @@ def blend_prefill(
     selected = positions  # tokens computed at the current layer
     cache = DynamicCache()
     num_recomputed = int(reused.sum())
+    shares = _shares(recompute_ratio, sorted(check_layers))
     for index, layer in enumerate(decoder.layers):
         stored_keys = reused_kv[index, 0].transpose(0, 1)[None]  # (1, kv_heads, tokens, head_dim)
         stored_values = reused_kv[index, 1].transpose(0, 1)[None]
         hidden, keys, values = _layer(layer, hidden, selected, cos, sin, stored_keys, stored_values, reused)
         cache.update(keys, values, index)
-        if index == check_layer and recompute_ratio < 1.0:
-            keep = _select(keys, values, stored_keys, stored_values, reused, recompute_ratio)
-            hidden = hidden[:, keep]
+        if index in shares and shares[index] < 1.0:
+            computed = torch.zeros(num_tokens, dtype=torch.bool)
+            computed[selected] = True
+            keep = _select(keys, values, stored_keys, stored_values, reused, computed, shares[index])
+            hidden = hidden[:, keep[selected]]
             selected = positions[keep]
-            num_recomputed = int(reused[keep].sum())
+            num_recomputed = int((reused & keep).sum())
     logits = model.lm_head(decoder.norm(hidden[:, -1:]))[0, -1]
     num_fresh = int((~reused).sum())
     return BlendResult(cache, logits.float(), num_tokens - num_fresh - num_recomputed, num_recomputed, num_fresh)
@@ -96,12 +105,25 @@ def _layer(layer, hidden, selected, cos, sin, stored_keys, stored_values, reused
     return hidden, keys, values
 
 
-def _select(keys, values, stored_keys, stored_values, reused, recompute_ratio) -> torch.Tensor:
-    """Positions to keep computing: the reused tokens whose KV deviates most, and every fresh token."""
+def _shares(recompute_ratio: float, check_layers: list[int]) -> dict[int, float]:
+    """The share of reused tokens each check layer keeps computing: twice `recompute_ratio` at the
+    first of several, falling evenly to `recompute_ratio` at the last."""
+    if len(check_layers) == 1:
+        return {check_layers[0]: recompute_ratio}
+    last = len(check_layers) - 1
+    return {layer: min(1.0, recompute_ratio * (2 - step / last)) for step, layer in enumerate(check_layers)}
+
+
+def _select(keys, values, stored_keys, stored_values, reused, computed, share) -> torch.Tensor:
+    """Which tokens to keep computing (a mask): of the `computed` reused ones, those whose KV
+    deviates most, `share` of all reused tokens; and every fresh token."""
     deviation = (keys - stored_keys).pow(2).sum((0, 1, 3)) + (values - stored_values).pow(2).sum((0, 1, 3))
+    deviation[~computed] = -float("inf")  # dropped at an earlier check layer: not a candidate again
     deviation[~reused] = float("inf")  # tokens without stored KV are always computed
-    num_keep = int((~reused).sum()) + round(recompute_ratio * int(reused.sum()))
-    return torch.topk(deviation, num_keep).indices.sort().values
+    num_keep = min(int(computed.sum()), int((~reused).sum()) + round(share * int(reused.sum())))
+    keep = torch.zeros_like(reused)
+    keep[torch.topk(deviation, num_keep).indices] = True
+    return keep
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
