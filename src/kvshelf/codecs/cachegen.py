@@ -138,17 +138,14 @@ class CachegenCodec(Codec):
         codes = [np.empty((layers, 2, rows[part] * channels), dtype=np.float32) for part in range(2)]
         for index, table in enumerate(tables):
             (layer, kind), part = divmod(index // 2, 2), index % 2
-            codes[part][layer, kind] = _decode_stream(decoder, table, rows[part] * channels)
-        x = torch.empty(layers, 2, tokens, channels)
-        for part, mask in enumerate((coded, ~anchors)):
-            part_codes = torch.from_numpy(codes[part]).view(layers, 2, rows[part], channels)
-            x[:, :, mask] = part_codes * steps[part].unsqueeze(2)
+            _decode_stream(decoder, table, codes[part][layer, kind])
+        anchor_values, delta_values = (
+            torch.from_numpy(codes[part]).view(layers, 2, rows[part], channels) * steps[part].unsqueeze(2)
+            for part in range(2)
+        )
         if first is not None:
-            x[:, :, 0] = first
-        _, anchor_of = self._layout(tokens, group)
-        if group:
-            x[:, :, ~anchors] += x[:, :, anchor_of[~anchors]]
-        return x.view(shape).to(dtype)
+            anchor_values = torch.cat([first.unsqueeze(2), anchor_values], dim=2)
+        return _assemble(anchor_values, delta_values, tokens, group).view(shape).to(dtype)
 
     def _read_steps(self, payload: memoryview, version: int, group: int, key_step: float, value_step: float,
                     shape: tuple[int, ...]):
@@ -183,6 +180,25 @@ class CachegenCodec(Codec):
             magnitude = kv[:, :, 0].reshape(layers, 2, -1).float().abs()
             bound[:, :, 0] = magnitude * 2.0**-11 + 2.0**-24 + (magnitude - _FP16_MAX).clamp_min(0)
         return (bound * (1 + 1e-4) + 1e-7).view(kv.shape)
+
+
+def _assemble(anchors: torch.Tensor, deltas: torch.Tensor, tokens: int, group: int) -> torch.Tensor:
+    """Tokens from anchor values (every `group`-th token, from the first) and the other tokens'
+    deltas against their group's anchor, each (layers, 2, count, channels) in token order; with no
+    groups, the anchors (at most the kept first token) come first and the deltas are the values."""
+    if group == 0:
+        return torch.cat([anchors, deltas], dim=2)
+    layers, _, _, channels = deltas.shape
+    x = torch.empty(layers, 2, tokens, channels)
+    full, rest = divmod(tokens, group)  # whole groups, and the tokens of a last, shorter one
+    grouped = x[:, :, : full * group].view(layers, 2, full, group, channels)
+    grouped[:, :, :, 0] = anchors[:, :, :full]
+    whole = deltas[:, :, : full * (group - 1)].view(layers, 2, full, group - 1, channels)
+    torch.add(whole, anchors[:, :, :full].unsqueeze(3), out=grouped[:, :, :, 1:])
+    if rest:
+        x[:, :, full * group] = anchors[:, :, full]
+        torch.add(deltas[:, :, full * (group - 1) :], anchors[:, :, full : full + 1], out=x[:, :, full * group + 1 :])
+    return x
 
 
 def _scale_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -252,10 +268,12 @@ def _read_table(payload: memoryview, offset: int) -> tuple[tuple[int, np.ndarray
     return (lowest, counts), offset + num_symbols * 4
 
 
-def _decode_stream(decoder, table: tuple[int, np.ndarray], count: int) -> np.ndarray:
+def _decode_stream(decoder, table: tuple[int, np.ndarray], out: np.ndarray) -> None:
+    """Decode one stream's symbols into `out` (float32, as many as the shape needs)."""
     lowest, counts = table
-    if counts.sum() != count:
-        raise CorruptChunk(f"cachegen table counts {int(counts.sum())} symbols, the shape needs {count}")
+    if counts.sum() != out.size:
+        raise CorruptChunk(f"cachegen table counts {int(counts.sum())} symbols, the shape needs {out.size}")
     if len(counts) <= 1:
-        return np.full(count, lowest, dtype=np.float32)
-    return decoder.decode(_model(counts.astype(np.float64)), count).astype(np.float32) + lowest
+        out.fill(lowest)
+    else:
+        np.add(decoder.decode(_model(counts.astype(np.float64)), out.size), lowest, out=out, casting="unsafe")
