@@ -26,7 +26,7 @@ Measured on the bundled model (SmolLM2-135M, 4 windows of real prose, 512-token 
   0.3/0.6 give 3.71 bits and +1.45%, 0.3/0.8 3.50 bits and +1.83% (now `cachegen`; before, the
   smallest level within 2% was 3.89 bits), 0.35/0.7 3.48 bits and +2.04%.
 - Decoding is bound by the ANS decoder, about 60 M symbols/s on one core (constriction does
-  not release the GIL, so threads do not help): about 35 ms for a 128-token chunk.
+  not release the GIL, so threads do not help): about 23 of the 29 ms a 128-token chunk takes.
 
 The error bound is half a step per element (a delta's also carries its anchor's half step):
 steps are products of stored, exactly decodable numbers, so decoding repeats the encoder's

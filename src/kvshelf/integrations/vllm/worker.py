@@ -5,6 +5,7 @@ errors, so vLLM recomputes them: a failed load costs time, never correctness.
 """
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -89,7 +90,8 @@ class WorkerSide:
                 # recomputes the request, and its finished prefill is saved then.
                 continue
             namespace = self._namespace(transfer)
-            chunk_at = self._chunk_reader(transfer)
+            # Cached: a push reads the chunks the save just copied out (the memory tier keeps them anyway).
+            chunk_at = functools.cache(self._chunk_reader(transfer))
             self.shelf.save_chunks(
                 transfer.token_ids[: transfer.end], namespace, chunk_at, transfer.start, transfer.mm_hashes,
                 tail=transfer.hand_over,
