@@ -418,3 +418,13 @@ def test_malformed_destination_is_a_counted_failure(make_pusher, namespace):
     keys = chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE)
     assert not pusher.push("tcp://decode-host", keys, parts.__getitem__)
     assert pusher.counters.push_failures == 1
+
+
+def test_stats_show_expired_chunks_gone_without_another_access(make_receiving, make_pusher, namespace):
+    receiving = make_receiving(pd_inbox_ttl_s=0.2)
+    parts = chunks_of(random_kv(len(TOKENS)))
+    assert make_pusher().push(receiving.address, chunk_keys(TOKENS, namespace, CHUNK_SIZE, tail=True),
+                              parts.__getitem__)
+    time.sleep(0.4)
+    inbox_stats = receiving.shelf.stats()["tiers"]["inbox"]  # the first access since the push
+    assert (inbox_stats["used_bytes"], inbox_stats["evictions"]) == (0, 3)
