@@ -22,6 +22,7 @@ from kvshelf.disagg.proxy import (
     build_app,
     config_from_args,
     parse_instance,
+    prefill_request,
 )
 
 TOKEN_IDS = [101, 7, 8, 9]  # what every stand-in's /tokenize answers
@@ -379,3 +380,13 @@ async def _api_key() -> None:
         bad_json = await proxy.post("/v1/completions", data=b"{not json", headers=key)
         assert bad_json.status == 400
         assert (await bad_json.json())["error"]["type"] == "invalid_request_error"
+
+
+def test_the_prefill_request_asks_for_one_token_whatever_the_client_asked():
+    body = {"model": "m", "prompt": "p", "max_tokens": 64, "min_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}, "n": 2, "max_completion_tokens": 64}
+    request = prefill_request(body, {"push_to": "tcp://d:1"})
+    assert request["max_tokens"] == request["max_completion_tokens"] == 1 and request["n"] == 1
+    assert not request["stream"] and "stream_options" not in request and "min_tokens" not in request
+    assert request["kv_transfer_params"] == {"kvshelf": {"push_to": "tcp://d:1"}}
+    assert body["max_tokens"] == 64 and body["min_tokens"] == 8  # the client's own request is left as it was

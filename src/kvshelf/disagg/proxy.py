@@ -422,6 +422,7 @@ def prefill_request(body: dict, kvshelf_params: dict) -> dict:
     """The client's request cut to its prefill: one token, not streamed, with kvshelf's transfer parameters."""
     request = {**body, "max_tokens": 1, "stream": False, "n": 1, "kv_transfer_params": {"kvshelf": kvshelf_params}}
     request.pop("stream_options", None)
+    request.pop("min_tokens", None)  # vLLM refuses min_tokens above max_tokens
     if "max_completion_tokens" in body:
         request["max_completion_tokens"] = 1
     return request
