@@ -7,6 +7,7 @@ import json
 import socket
 from contextlib import AsyncExitStack
 
+import aiohttp
 import numpy as np
 import pytest
 import zmq
@@ -34,6 +35,8 @@ class FakeInstance:
 
     def __init__(self, name: str, completion_status: int = 200, hangs_up: bool = False) -> None:
         self.name = name
+        self.num_events, self.event_gap_s = 2, 0.0  # a stream's events, and the pause before each after the first
+        self.breaks_off = False  # a stream's connection drops after its first event
         self.completion_status = completion_status
         self.hangs_up = hangs_up  # on completions, while its health checks pass
         self.requests: list[tuple[str, dict]] = []
@@ -48,7 +51,7 @@ class FakeInstance:
         self.app.router.add_post("/v1/chat/completions", self._completion)
 
     def events(self) -> list[bytes]:
-        return [f'data: {{"text": "{word}", "from": "{self.name}"}}\n\n'.encode() for word in ("one", "two")]
+        return [f'data: {{"text": "{index}", "from": "{self.name}"}}\n\n'.encode() for index in range(self.num_events)]
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({})
@@ -72,10 +75,15 @@ class FakeInstance:
             return web.json_response({"text": f"answer from {self.name}"})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        first, second = self.events()
+        first, *later = self.events()
         await response.write(first)
+        if self.breaks_off:
+            request.transport.close()
+            return response
         await self.second_event_allowed.wait()
-        await response.write(second)
+        for event in later:
+            await asyncio.sleep(self.event_gap_s)
+            await response.write(event)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -390,3 +398,33 @@ def test_the_prefill_request_asks_for_one_token_whatever_the_client_asked():
     assert not request["stream"] and "stream_options" not in request and "min_tokens" not in request
     assert request["kv_transfer_params"] == {"kvshelf": {"push_to": "tcp://d:1"}}
     assert body["max_tokens"] == 64 and body["min_tokens"] == 8  # the client's own request is left as it was
+
+
+def test_a_stream_longer_than_the_timeout_goes_on_while_its_events_keep_coming():
+    asyncio.run(_long_stream())
+
+
+async def _long_stream() -> None:
+    async with Cluster() as cluster:
+        prefill, decode = await cluster.instance("prefill"), await cluster.instance("decode")
+        decode.num_events, decode.event_gap_s = 6, 0.2  # 1 s in all, each event within the 0.5 s timeout
+        proxy = await cluster.proxy(prefill=(prefill.instance,), decode=(decode.instance,), timeout_s=0.5)
+        answer = await proxy.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
+        assert await answer.content.read() == b"".join(decode.events()) + b"data: [DONE]\n\n"
+        stats = await (await proxy.get("/proxy/stats")).json()
+        assert stats["instances"][decode.url]["healthy"] and stats["instances"][decode.url]["failures"] == 0
+
+
+def test_a_stream_that_breaks_off_reaches_the_client_broken_not_short():
+    asyncio.run(_broken_stream())
+
+
+async def _broken_stream() -> None:
+    async with Cluster() as cluster:
+        prefill, decode = await cluster.instance("prefill"), await cluster.instance("decode")
+        decode.breaks_off = True
+        proxy = await cluster.proxy(prefill=(prefill.instance,), decode=(decode.instance,))
+        answer = await proxy.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
+        assert answer.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await answer.content.read()

@@ -16,6 +16,7 @@ from kvshelf import Shelf, load_config
 from kvshelf.bench.redis_servers import free_port
 from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES
+from kvshelf.disagg import transfer
 from kvshelf.disagg.transfer import KVPusher, KVReceiver, TransferCounters
 from kvshelf.keys import ChunkKey, chunk_keys
 from kvshelf.tiers.inbox import InboxTier
@@ -262,10 +263,11 @@ def test_held_nearby_sees_memory_and_inbox(make_receiving, namespace):
 
 
 def test_full_inbox_refuses_and_the_push_times_out(make_receiving, make_pusher, namespace):
-    receiving = make_receiving(pd_inbox_size=CHUNK_FRAMED_BYTES - 1)
+    receiving = make_receiving(pd_inbox_size=CHUNK_FRAMED_BYTES)
+    receiving.shelf.inbox.put_many([(fake_key(9), [b"w" * CHUNK_FRAMED_BYTES])])  # full, and nobody loads it
     pusher = make_pusher(TIMEOUT_S)
     parts = chunks_of(random_kv(8))
-    keys = chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE)
+    keys = chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE)[:1]
     started_s = time.monotonic()
     assert not pusher.push(receiving.address, keys, parts.__getitem__)
     assert time.monotonic() - started_s >= TIMEOUT_S * 0.9  # it retried until its timeout, not less
@@ -273,7 +275,17 @@ def test_full_inbox_refuses_and_the_push_times_out(make_receiving, make_pusher, 
     assert pusher.counters.pushed_chunks == 0
     assert receiving.counters.refused_chunks > 1  # refused, retried, refused again
     assert receiving.counters.received_chunks == 0
-    assert len(receiving.shelf.inbox) == 0
+    assert len(receiving.shelf.inbox) == 1
+
+
+def test_a_push_larger_than_the_whole_inbox_is_refused_at_once(make_receiving, make_pusher, namespace):
+    receiving = make_receiving(pd_inbox_size=CHUNK_FRAMED_BYTES - 1)
+    pusher = make_pusher(TIMEOUT_S * 4)
+    parts = chunks_of(random_kv(8))
+    started_s = time.monotonic()
+    assert not pusher.push(receiving.address, chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE), parts.__getitem__)
+    assert time.monotonic() - started_s < TIMEOUT_S  # no waiting for room that can never come
+    assert pusher.counters.push_failures == 1 and len(receiving.shelf.inbox) == 0
 
 
 def test_push_waits_for_the_inbox_to_make_room(make_receiving, make_pusher, namespace):
@@ -304,7 +316,8 @@ def test_push_waits_for_the_inbox_to_make_room(make_receiving, make_pusher, name
     assert torch.equal(receiving.shelf.load(TOKENS, namespace, upto=4).kv(), kv[:, :, :4])
 
 
-def test_unreachable_destination_fails_then_the_pusher_recovers(make_receiving, make_pusher, namespace):
+def test_unreachable_destination_fails_then_the_pusher_recovers(make_receiving, make_pusher, namespace, monkeypatch):
+    monkeypatch.setattr(transfer, "DESTINATION_BACKOFF_S", 1.0)
     pusher = make_pusher(TIMEOUT_S)
     kv = random_kv(8)
     parts = chunks_of(kv)
@@ -315,10 +328,14 @@ def test_unreachable_destination_fails_then_the_pusher_recovers(make_receiving, 
     assert time.monotonic() - started_s < TIMEOUT_S + 4  # gave up, did not hang
     assert pusher.counters.push_failures == 1
     assert pusher.counters.pushed_chunks == 0
-    # Someone listens there now: the same pusher pushes to it.
+    # Someone listens there now; while the destination backs off, pushes fail at once, then they go.
     receiving = make_receiving(address=nobody)
+    started_s = time.monotonic()
+    assert not pusher.push(nobody, keys, parts.__getitem__)
+    assert time.monotonic() - started_s < 0.1 and pusher.counters.push_failures == 2
+    time.sleep(1.0)
     assert pusher.push(nobody, keys, parts.__getitem__)
-    assert pusher.counters.push_failures == 1
+    assert pusher.counters.push_failures == 2
     assert pusher.counters.pushed_chunks == 2
     assert torch.equal(receiving.shelf.load(TOKENS, namespace, upto=8).kv(), kv)
 
@@ -428,3 +445,18 @@ def test_stats_show_expired_chunks_gone_without_another_access(make_receiving, m
     time.sleep(0.4)
     inbox_stats = receiving.shelf.stats()["tiers"]["inbox"]  # the first access since the push
     assert (inbox_stats["used_bytes"], inbox_stats["evictions"]) == (0, 3)
+
+
+def test_an_error_answer_to_an_offer_is_a_failed_push_not_an_exception(make_pusher, namespace):
+    def held(keys):
+        raise RuntimeError("the receiving shelf broke")
+
+    address = loopback()
+    receiver = KVReceiver(InboxTier(2**20, 60), address, held, TransferCounters())
+    try:
+        pusher = make_pusher(TIMEOUT_S)
+        parts = chunks_of(random_kv(8))
+        assert not pusher.push(address, chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE), parts.__getitem__)
+        assert pusher.counters.push_failures == 1
+    finally:
+        receiver.close()

@@ -6,14 +6,13 @@ The prefill instance is also the reference: asked directly, it is a plain vLLM i
 
 import json
 import re
-import subprocess
 import threading
 
 import httpx
 import pytest
 
 from kvshelf.bench.redis_servers import RedisServer, free_port
-from kvshelf.disagg.launch import new_instance, proxy_argv, running, stop, wait_healthy
+from kvshelf.disagg.launch import new_instance, proxy_argv, running, start_process, stop, wait_healthy
 
 MAX_TOKENS = 12
 
@@ -78,8 +77,7 @@ def proxy(setup):
         if colocated:
             instances = [type(instance)("both", instance.port, instance.lookup_address) for instance in instances]
         port = free_port()
-        process = subprocess.Popen(proxy_argv(port, instances, channel, routing),
-                                   stdout=open(work / f"proxy-{port}.log", "w"), stderr=subprocess.STDOUT)
+        process = start_process(proxy_argv(port, instances, channel, routing), work / f"proxy-{port}", None)
         started.append(process)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, process, work / f"proxy-{port}", timeout_s=60)

@@ -11,6 +11,7 @@ two do not fight over the same cores.
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,10 +96,11 @@ def running(
             if cpus and cpus[index]:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = cpus[index]
             name = f"{instance.role}-{index}"
-            processes[name] = _start(instance_argv(instance, memory_size, redis_url, vllm_args), log_dir / name, env)
+            argv = instance_argv(instance, memory_size, redis_url, vllm_args)
+            processes[name] = start_process(argv, log_dir / name, env)
             urls[name] = instance.url
         proxy_port = proxy_port or free_port()
-        processes["proxy"] = _start(proxy_argv(proxy_port, instances, channel, routing), log_dir / "proxy", None)
+        processes["proxy"] = start_process(proxy_argv(proxy_port, instances, channel, routing), log_dir / "proxy", None)
         urls["proxy"] = f"http://127.0.0.1:{proxy_port}"
         for name, url in urls.items():
             wait_healthy(url, processes[name], log_dir / name)
@@ -108,9 +110,10 @@ def running(
             stop(process)
 
 
-def _start(argv: list[str], log_path: Path, env: dict | None) -> subprocess.Popen:
+def start_process(argv: list[str], log_path: Path, env: dict | None) -> subprocess.Popen:
+    """A process group of its own: stopping it stops vLLM's engine processes too."""
     with open(log_path.with_suffix(".log"), "w") as log:
-        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -127,14 +130,15 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
 
 
 def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """Stop `process` and its group (started by `_start`), if not gone already."""
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def serve_forever(setup: Running) -> int:

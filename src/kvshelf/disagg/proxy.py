@@ -48,6 +48,7 @@ SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]"
 LOOKUP_TIMEOUT_S = 0.5
 TOKENIZE_TIMEOUT_S = 10.0  # routing waits this long at most; then it goes in turn
 HEALTH_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 64 * 2**20  # long prompts and inline images exceed aiohttp's 1 MiB default
 NUM_RECENT_DECISIONS = 100
 # Chat fields that change the prompt's tokens, so the tokenize call must see them too.
@@ -164,9 +165,10 @@ class Proxy:
 
     async def start(self, app: web.Application) -> None:
         # No cap on connections: each client stream holds one, and the instances set their own limits.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)
-        )
+        # --timeout bounds the wait for each piece of an answer, not the whole of it: a long
+        # generation streams for as long as it takes.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self.config.timeout_s)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
         self._zmq = zmq.asyncio.Context()
         self._health_task = asyncio.create_task(self._watch_health())
 
@@ -260,7 +262,8 @@ class Proxy:
     async def _prompt_token_ids(self, path: str, body: dict, upstream: Upstream) -> list[int] | None:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and all(type(token) is int for token in prompt):
-            return prompt
+            # Ids no vocabulary has: vLLM answers those itself (400); route them in turn.
+            return prompt if all(0 <= token < 2**31 for token in prompt) else None
         model = {"model": body["model"]} if "model" in body else {}
         if path == COMPLETIONS and isinstance(prompt, str):
             return await self._tokenize(upstream, {**model, "prompt": prompt})
@@ -352,24 +355,29 @@ class Proxy:
         return web.Response(body=payload, status=answer.status, headers={**headers, **content_type(answer)})
 
     async def _stream(self, request: web.Request, upstream: Upstream, answer: aiohttp.ClientResponse,
-                      headers: dict[str, str]) -> web.StreamResponse:
-        """Relay server-sent events as they come; past the first byte, a failure can only end the stream."""
+                      headers: dict[str, str]) -> web.StreamResponse | None:
+        """Relay server-sent events as they come. Until the first event the request can still go to
+        another instance (None); after it, a failure cuts the connection, so the client sees a broken
+        answer, never a complete-looking short one."""
+        try:
+            chunk = await answer.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._failed(upstream, f"the stream failed before its first event: {describe(exc)}")
+            return None
         response = web.StreamResponse(status=answer.status, headers=headers)
         try:
             await response.prepare(request)
-            while chunk := await self._read_chunk(upstream, answer):
+            while chunk:
                 await response.write(chunk)
+                chunk = await answer.content.readany()
             await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._failed(upstream, f"the stream broke off: {describe(exc)}")
+            if request.transport is not None:
+                request.transport.close()
         except ConnectionResetError:  # the client left; leaving `async with answer` drops the upstream request
             logger.info("kvshelf proxy: the client left a stream from %s", upstream.url)
         return response
-
-    async def _read_chunk(self, upstream: Upstream, answer: aiohttp.ClientResponse) -> bytes:
-        try:
-            return await answer.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._failed(upstream, f"the stream broke off: {describe(exc)}")
-            return b""
 
     # -- endpoints --
 

@@ -31,6 +31,7 @@ from kvshelf.tiers.inbox import InboxTier
 logger = logging.getLogger(__name__)
 POLL_MS = 100
 FULL_RETRY_S = 0.02
+DESTINATION_BACKOFF_S = 10.0  # after a failed push, send nothing to that destination for this long
 PUT_BATCH_BYTES = 64 * 2**20
 _SEQ = struct.Struct("<Q")
 
@@ -100,7 +101,11 @@ class KVReceiver:
             keys = [_key_of(pair) for pair in header["keys"]]
             if len(parts) != 2 * len(keys):
                 raise ValueError(f"{len(keys)} keys but {len(parts)} frames; expected 2 per chunk")
-            if not self._inbox.offer(sum(part.nbytes for part in parts)):
+            num_bytes = sum(part.nbytes for part in parts)
+            if num_bytes > self._inbox.capacity_bytes:  # would never fit: refuse now, not after the timeout
+                raise ValueError(f"{num_bytes} bytes will never fit an inbox of {self._inbox.capacity_bytes}"
+                                 " (pd.inbox_size)")
+            if not self._inbox.offer(num_bytes):
                 self.counters.refused_chunks += len(keys)
                 return b"full", None
             self._inbox.put_many([(key, parts[2 * index : 2 * index + 2]) for index, key in enumerate(keys)])
@@ -125,14 +130,22 @@ class KVPusher:
         self.timeout_s = timeout_s
         self.counters = counters
         self._sockets: dict[str, zmq.Socket] = {}
+        self._down_until_s: dict[str, float] = {}  # destinations backing off after a failure
         self._seq = 0
 
     def push(self, address: str, keys: Sequence[ChunkKey], chunk_at: Callable[[int], torch.Tensor]) -> bool:
         """Send the chunks of `keys` that `address` lacks; `chunk_at(i)` makes the i-th. True if all arrived."""
+        if time.monotonic() < self._down_until_s.get(address, 0.0):
+            self.counters.push_failures += 1  # it failed moments ago: do not hold up another step for it
+            return False
         started_s = time.perf_counter()
         deadline_s = time.monotonic() + self.timeout_s
         try:
-            _, needed = self._ask(address, b"offer", {"keys": [_key_json(key) for key in keys]}, [], deadline_s)
+            status, needed = self._ask(address, b"offer", {"keys": [_key_json(key) for key in keys]}, [], deadline_s)
+            if status != b"ok" or not isinstance(needed, list) or not all(
+                type(index) is int and 0 <= index < len(keys) for index in needed
+            ):
+                raise PushFailed(f"bad answer to an offer: {status.decode(errors='replace')} {needed!r:.200}")
             batch: list[tuple[ChunkKey, list]] = []
             batch_bytes = 0
             for position, index in enumerate(needed):
@@ -145,9 +158,11 @@ class KVPusher:
                     self.counters.pushed_bytes += batch_bytes
                     batch, batch_bytes = [], 0
             return True
-        except (PushFailed, zmq.ZMQError) as exc:
-            logger.warning("kvshelf: pushing KV to %s failed (%s); the decode instance will recompute", address, exc)
+        except Exception as exc:  # noqa: BLE001 - a failed push is a fallback, never a failed engine step
+            logger.warning("kvshelf: pushing KV to %s failed (%s); handing it over through the shared tiers, "
+                           "if any, and sending nothing there for %.0f s", address, exc, DESTINATION_BACKOFF_S)
             self.counters.push_failures += 1
+            self._down_until_s[address] = time.monotonic() + DESTINATION_BACKOFF_S
             self._drop(address)
             return False
         finally:
