@@ -7,23 +7,14 @@ then serves every prompt in full and must match vLLM alone, computing only what 
 over.
 """
 
-import time
-from pathlib import Path
 
 import pytest
 
 from kvshelf.bench.redis_servers import RedisServer, free_port
-from tests.integrations.vllm_runner import engine_results, run_engine, start_engine
+from tests.integrations.vllm_runner import engine_results, run_engine, start_engine, wait_for
 
 CHUNK_SIZE = 128
 PROMPT_TOKENS = 300  # 2 full chunks and a tail of 44
-
-
-def wait_for(path: Path, timeout_s: float = 600.0) -> None:
-    deadline_s = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline_s, f"engine never reached {path.name}"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

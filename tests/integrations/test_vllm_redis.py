@@ -6,12 +6,11 @@ again, empty; then engine B, a fresh process that shares nothing with A but Redi
 """
 
 import time
-from pathlib import Path
 
 import pytest
 
 from kvshelf.bench.redis_servers import RedisServer
-from tests.integrations.vllm_runner import engine_results, run_engine, start_engine
+from tests.integrations.vllm_runner import engine_results, run_engine, start_engine, wait_for
 
 CHUNK_SIZE = 128
 BACKOFF_S = 1.0
@@ -24,13 +23,6 @@ def prompt(corpus_ids, start):
 @pytest.fixture(scope="module")
 def prompts(corpus_ids):
     return {name: prompt(corpus_ids, 400 * index) for index, name in enumerate("p1 p2 p3 p4 p5 p6 p7".split())}
-
-
-def wait_for(path: Path, timeout_s: float = 600.0) -> None:
-    deadline_s = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline_s, f"engine never reached {path.name}"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

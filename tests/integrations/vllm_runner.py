@@ -72,6 +72,14 @@ def wait_at_barrier(barrier_dir: Path, name: str, timeout_s: float = 600.0) -> N
         time.sleep(0.05)
 
 
+def wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    """Wait (in a test) until an engine has created `path`, e.g. a barrier's NAME.reached."""
+    deadline_s = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline_s, f"engine never reached {path.name}"
+        time.sleep(0.1)
+
+
 def start_engine(
     extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None, kv_role: str = "kv_both"
 ) -> subprocess.Popen:

@@ -46,16 +46,23 @@ def answer(shelf: Shelf, frames: list[bytes]) -> int:
     return shelf.lookup(token_ids, namespace, mm_hashes, tail=True, probe=header.get("probe", False))
 
 
-class LookupServer:
-    """Answers lookups from one worker's shelf, on a thread of its own."""
+class _CountServer:
+    """A REP socket answering each message with a count of tokens, on a thread of its own; a bad
+    message is answered 0 (a miss), never a dead server."""
 
-    def __init__(self, shelf: Shelf, address: str) -> None:
-        self._shelf = shelf
+    def __init__(self, address: str, thread_name: str, setting: str) -> None:
         self._socket = zmq.Context.instance().socket(zmq.REP)
-        self._socket.bind(address)
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError as exc:
+            self._socket.close(linger=0)
+            raise ValueError(f"cannot answer lookups on {address} ({exc}); {setting}") from exc
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="kvshelf-lookup", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=thread_name, daemon=True)
         self._thread.start()
+
+    def _count(self, frames: list[bytes]) -> int:
+        raise NotImplementedError
 
     def _serve(self) -> None:
         while not self._stopped.is_set():
@@ -63,9 +70,9 @@ class LookupServer:
                 continue
             frames = self._socket.recv_multipart()
             try:
-                num_tokens = answer(self._shelf, frames)
+                num_tokens = self._count(frames)
             except Exception:  # noqa: BLE001 - a bad message is a miss, never a dead server
-                logger.exception("kvshelf: bad lookup message")
+                logger.exception("kvshelf: bad lookup message on %s", self._thread.name)
                 num_tokens = 0
             self._socket.send(str(num_tokens).encode())
 
@@ -73,6 +80,17 @@ class LookupServer:
         self._stopped.set()
         self._thread.join()
         self._socket.close(linger=0)
+
+
+class LookupServer(_CountServer):
+    """Answers the scheduler's lookups from one worker's shelf."""
+
+    def __init__(self, shelf: Shelf, address: str) -> None:
+        self._shelf = shelf
+        super().__init__(address, "kvshelf-lookup", "is another engine with this engine_id running?")
+
+    def _count(self, frames: list[bytes]) -> int:
+        return answer(self._shelf, frames)
 
 
 class LookupClient:
@@ -115,39 +133,20 @@ class LookupClient:
                 socket.close(linger=0)
 
 
-class RoutingLookupServer:
+class RoutingLookupServer(_CountServer):
     """Answers a router's `[{"cache_salt": ...}, int32 token ids]` with the leading tokens held."""
 
     def __init__(self, address: str, base_namespace: Namespace, client: LookupClient) -> None:
         self._base_namespace = base_namespace
         self._client = client
-        self._socket = zmq.Context.instance().socket(zmq.REP)
-        try:
-            self._socket.bind(address)
-        except zmq.ZMQError as exc:
-            self._socket.close(linger=0)
-            raise ValueError(f"cannot answer routing lookups on {address} ({exc}); set lookup_address") from exc
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="kvshelf-routing-lookup", daemon=True)
-        self._thread.start()
+        super().__init__(address, "kvshelf-routing-lookup", "set lookup_address")
 
-    def _serve(self) -> None:
-        while not self._stopped.is_set():
-            if not self._socket.poll(POLL_MS):
-                continue
-            frames = self._socket.recv_multipart()
-            try:
-                salt = json.loads(frames[0]).get("cache_salt")
-                namespace = dataclasses.replace(self._base_namespace, cache_salt=salt)
-                token_ids = np.frombuffer(frames[1], dtype="<i4").tolist()
-                num_tokens = self._client.lookup(token_ids, namespace, (), probe=True) if token_ids else 0
-            except Exception:  # noqa: BLE001 - a bad message is a miss, never a dead server
-                logger.exception("kvshelf: bad routing lookup message")
-                num_tokens = 0
-            self._socket.send(str(num_tokens).encode())
+    def _count(self, frames: list[bytes]) -> int:
+        salt = json.loads(frames[0]).get("cache_salt")
+        namespace = dataclasses.replace(self._base_namespace, cache_salt=salt)
+        token_ids = np.frombuffer(frames[1], dtype="<i4").tolist()
+        return self._client.lookup(token_ids, namespace, (), probe=True) if token_ids else 0
 
     def close(self) -> None:
-        self._stopped.set()
-        self._thread.join()
-        self._socket.close(linger=0)
+        super().close()
         self._client.close()
