@@ -149,11 +149,11 @@ def test_truncated_payloads_raise_corrupt_chunk(name, num_tokens, data):
         unframe(frame(kv, KEY, _Verbatim(codec.id, payload[:cut])), KEY, CODECS_BY_ID)
 
 
-def test_cachegen_still_decodes_its_first_format():
-    """Chunks written before the first token was kept (payload version 1) decode as they did."""
+def test_cachegen_refuses_its_older_formats_cleanly():
+    """Chunks of payload version 1 (anchor/delta groups) are a clean miss, so the shelf drops and recomputes them."""
     stored = torch.load(Path(__file__).parent / "data" / "cachegen-v1.pt")
-    decoded = CODECS["cachegen"].decode(memoryview(stored["payload"]), stored["shape"], torch.float32)
-    assert torch.equal(decoded, stored["decoded"])
+    with pytest.raises(CorruptChunk, match="version 1; this kvshelf reads version 3"):
+        unframe(frame(torch.zeros(stored["shape"]), KEY, _Verbatim(5, stored["payload"])), KEY, CODECS_BY_ID)
 
 
 def test_cachegen_keeps_a_chunks_first_token_nearly_exact():

@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     codecs = benches.add_parser("codecs", help="size, speed and quality (perplexity, greedy agreement) of every codec")
     codecs.add_argument("--codecs", default=None, help="comma-separated codec names (default: all)")
-    codecs.add_argument("--num-prompts", type=int, default=4)
+    codecs.add_argument("--num-prompts", type=int, default=8)
     codecs.add_argument("--prefix-tokens", type=int, default=512)
     codecs.add_argument("--chunk-size", type=int, default=128)
-    codecs.add_argument("--continuation-tokens", type=int, default=128)
+    codecs.add_argument("--continuation-tokens", type=int, default=256)
     codecs.add_argument("--generate-tokens", type=int, default=16)
     codecs.add_argument("--out", default="out/codecs")
     codecs.set_defaults(handler=run_codecs_bench)

@@ -167,7 +167,7 @@ def test_empty_or_too_long_prompt_is_refused(engine):
         engine.generate([1] * 8190, 4)
 
 
-@pytest.mark.parametrize("codec", ["int8", "kivi2"])
+@pytest.mark.parametrize("codec", ["int8", "kivi2", "cachegen"])
 def test_engine_reads_chunks_a_lossy_codec_wrote(bundled, reference, corpus_ids, question_ids, tmp_path, codec):
     """Lossy KV is not exact KV: the engine must run on it; how close it comes is `kvshelf bench codecs`."""
     model, tokenizer = bundled
