@@ -161,3 +161,11 @@ def test_cachegen_keeps_a_chunks_first_token_nearly_exact():
     decoded = CODECS["cachegen-small"].decode(memoryview(CODECS["cachegen-small"].encode(kv)), kv.shape, kv.dtype)
     assert torch.allclose(decoded[:, :, 0], kv[:, :, 0], rtol=2**-10, atol=1e-6)
     assert not torch.allclose(decoded[:, :, 1:], kv[:, :, 1:], rtol=2**-10, atol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", [1e-44, 1e-30, 1e30])
+def test_cachegen_codes_tiny_and_huge_values_within_the_bound(magnitude):
+    kv = torch.randn(2, 2, 9, 3, 8, generator=torch.Generator().manual_seed(0)) * magnitude
+    codec = CODECS["cachegen"]
+    decoded = codec.decode(memoryview(codec.encode(kv)), kv.shape, kv.dtype)
+    assert decoded.isfinite().all() and ((decoded - kv).abs() <= codec.error_bound(kv)).all()

@@ -77,7 +77,8 @@ class CachegenCodec(Codec):
         rest = x[:, :, 1:]
         scales = _head_rms(rest, heads)
         steps = _steps(self.key_step, self.value_step, scales, dim)
-        mean_codes = (rest.mean(2) / (steps / _MEAN_RESOLUTION)).round() if tokens > 1 else torch.zeros_like(steps)
+        mean = rest.double().mean(2).float() if tokens > 1 else torch.zeros_like(steps)
+        mean_codes = (mean / (steps / _MEAN_RESOLUTION)).round()
         means = mean_codes * steps / _MEAN_RESOLUTION
         codes = ((rest - means.unsqueeze(2)) / steps.unsqueeze(2)).round().to(torch.int64)
         width = 1 if bool((mean_codes.abs() <= 127).all()) else 2  # |mean| <= sqrt(dim) * RMS: 2 always do
@@ -147,13 +148,13 @@ class CachegenCodec(Codec):
 
 
 def _head_rms(values: torch.Tensor, heads: int) -> torch.Tensor:
-    """Each head's RMS over the tokens and channels of `values` (layers, 2, tokens, channels); 1 where
-    that is 0 (or there are no tokens), so that every step is positive."""
+    """Each head's RMS over the tokens and channels of `values` (layers, 2, tokens, channels), at
+    least 2^-100, so that every step is a positive normal float; 1 with no tokens."""
     layers, _, tokens, channels = values.shape
     if tokens == 0:
         return torch.ones(layers, 2, heads)
-    rms = values.view(layers, 2, tokens, heads, channels // heads).double().pow(2).mean((2, 4)).sqrt().float()
-    return torch.where(rms > 0, rms, torch.ones(()))
+    squares = values.view(layers, 2, tokens, heads, channels // heads).double().pow(2)
+    return squares.mean((2, 4)).sqrt().float().clamp_min(2.0**-100)
 
 
 def _steps(key_step: float, value_step: float, scales: torch.Tensor, dim: int) -> torch.Tensor:
