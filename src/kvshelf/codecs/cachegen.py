@@ -78,9 +78,10 @@ class CachegenCodec(Codec):
         x = kv.detach().to(torch.float32).reshape(layers, 2, tokens, heads * dim)
         first = x[:, :, :1].clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)  # (none in an empty chunk)
         rest = x[:, :, 1:]
-        scales = _head_rms(rest, heads)
+        wide = rest.double()  # sums in float64: huge values do not overflow
+        scales = _head_rms(wide, heads)
         steps = _steps(self.key_step, self.value_step, scales, dim)
-        mean = rest.double().mean(2).float() if tokens > 1 else torch.zeros_like(steps)
+        mean = wide.mean(2).float() if tokens > 1 else torch.zeros_like(steps)
         mean_codes = (mean / (steps / _MEAN_RESOLUTION)).round()
         means = mean_codes * steps / _MEAN_RESOLUTION
         codes = ((rest - means.unsqueeze(2)) / steps.unsqueeze(2)).round().to(torch.int64)
@@ -151,12 +152,12 @@ class CachegenCodec(Codec):
 
 
 def _head_rms(values: torch.Tensor, heads: int) -> torch.Tensor:
-    """Each head's RMS over the tokens and channels of `values` (layers, 2, tokens, channels), at
-    least 2^-100, so that every step is a positive normal float; 1 with no tokens."""
+    """Each head's RMS over the tokens and channels of `values` (layers, 2, tokens, channels; float64),
+    as float32 of at least 2^-100, so that every step is a positive normal float; 1 with no tokens."""
     layers, _, tokens, channels = values.shape
     if tokens == 0:
         return torch.ones(layers, 2, heads)
-    squares = values.view(layers, 2, tokens, heads, channels // heads).double().pow(2)
+    squares = values.view(layers, 2, tokens, heads, channels // heads).pow(2)
     return squares.mean((2, 4)).sqrt().float().clamp_min(2.0**-100)
 
 
