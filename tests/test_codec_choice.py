@@ -3,6 +3,7 @@
 import torch
 
 from kvshelf.codecs import CODECS, CODECS_BY_ID, codec_id_of, unframe
+from kvshelf.codecs.framing import Expected
 from kvshelf.shelf.codec_choice import AUTO_LADDER, CodecChoice
 from tests.conftest import CHUNK_SIZE, random_kv
 
@@ -57,5 +58,6 @@ def test_a_shelf_with_auto_moves_to_smaller_codecs_when_its_disk_is_slow(make_sh
     assert not torch.equal(loaded.kv(), kv)  # lossy now: no disk meets a budget of a microsecond
     ids = {codec_id_of(path.read_bytes()) for path in disk.rglob("*.kvs")}
     assert CODECS[AUTO_LADDER[-1]].id in ids
-    assert all(unframe(path.read_bytes(), bytes.fromhex(path.stem), CODECS_BY_ID) is not None
+    expected = Expected(namespace.layout, CHUNK_SIZE)
+    assert all(unframe(path.read_bytes(), bytes.fromhex(path.stem), shelf.keyring, CODECS_BY_ID, expected) is not None
                for path in disk.rglob("*.kvs"))

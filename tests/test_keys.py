@@ -5,10 +5,18 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvshelf import KVLayout, Namespace, chunk_keys
+from kvshelf import KVLayout, Namespace
+from kvshelf.keys import chunk_keys as keyed_chunk_keys
+from kvshelf.security import Keyring
 
 BASE = Namespace("model@1", KVLayout(30, 3, 64), tp_rank=0, tp_size=1, lora_id=None, cache_salt=None)
 TOKENS = list(range(1000, 1040))
+SECRET = bytes(range(32))
+KEYRING = Keyring(SECRET)
+
+
+def chunk_keys(*args, keyring=KEYRING, **kwargs):
+    return keyed_chunk_keys(*args, keyring=keyring, **kwargs)
 
 
 def test_only_full_chunks_get_keys():
@@ -27,9 +35,9 @@ def test_key_names_the_chunk_and_everything_before_it():
 
 def test_keys_are_the_same_in_another_process():
     script = (
-        "from kvshelf import KVLayout, Namespace, chunk_keys;"
+        "from kvshelf import KVLayout, Namespace, chunk_keys; from kvshelf.security import Keyring;"
         "ns = Namespace('model@1', KVLayout(30, 3, 64));"
-        "print(' '.join(k.hex for k in chunk_keys(list(range(1000, 1040)), ns, 8)))"
+        "print(' '.join(k.hex for k in chunk_keys(list(range(1000, 1040)), ns, 8, keyring=Keyring(bytes(range(32))))))"
     )
     # PYTHONHASHSEED differs per process by default; keys must not depend on it.
     other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -73,3 +81,20 @@ def test_keys_are_deterministic_and_prefix_stable(tokens, chunk_size):
     keys = chunk_keys(tokens, BASE, chunk_size)
     assert keys == chunk_keys(tokens, BASE, chunk_size)
     assert chunk_keys(tokens[: len(tokens) // 2], BASE, chunk_size) == keys[: len(tokens) // 2 // chunk_size]
+
+
+def test_keys_depend_on_the_secret():
+    """A store reader without the secret cannot compute which key a prompt has."""
+    keyed = chunk_keys(TOKENS, BASE, 8)
+    other = chunk_keys(TOKENS, BASE, 8, keyring=Keyring(bytes(32)))
+    unkeyed = chunk_keys(TOKENS, BASE, 8, keyring=Keyring(None))
+    assert not set(keyed) & set(other) and not set(keyed) & set(unkeyed)
+    assert keyed[0].namespace_id == BASE.id(KEYRING) != BASE.id(Keyring(bytes(32)))
+
+
+def test_stored_description_holds_no_salt():
+    tenant = dataclasses.replace(BASE, cache_salt="secret-tenant-salt")
+    description = tenant.public_description(KEYRING)
+    assert "secret-tenant-salt" not in str(description) and "cache_salt" not in description
+    assert description["cache_salt_tag"] == KEYRING.salt_tag("secret-tenant-salt")
+    assert description["cache_salt_tag"] != Keyring(bytes(32)).salt_tag("secret-tenant-salt")

@@ -6,7 +6,6 @@ import torch
 from prometheus_client import generate_latest
 
 from kvshelf import Namespace
-from kvshelf.keys import chunk_keys
 from kvshelf.tiers.disk import chunk_path
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 
@@ -46,7 +45,7 @@ def test_load_from_an_offset_reads_only_later_chunks(make_shelf, namespace):
     shelf = make_shelf()
     kv = random_kv(len(TOKENS))
     shelf.save(TOKENS, kv, namespace)
-    keys = chunk_keys(TOKENS, namespace, CHUNK_SIZE)
+    keys = shelf.chunk_keys(TOKENS, namespace)
     shelf._stack.memory.delete(keys[:2])
     shelf.flush()
     loaded = shelf.load(TOKENS, namespace, upto=16, start=9)  # rounded down to chunk 2
@@ -59,7 +58,7 @@ def test_save_from_an_offset_stores_only_those_chunks(make_shelf, namespace):
     shelf = make_shelf()
     kv = random_kv(len(TOKENS))
     shelf.save(TOKENS, kv[:, :, 8:], namespace, start=8)
-    keys = chunk_keys(TOKENS, namespace, CHUNK_SIZE)
+    keys = shelf.chunk_keys(TOKENS, namespace)
     assert shelf._stack.memory.contains_prefix(keys[2:]) == 2
     assert shelf.lookup(TOKENS, namespace) == 0  # chunks 0-1 were never given
 
@@ -82,7 +81,7 @@ def test_damaged_disk_chunk_is_a_counted_miss_and_removed(make_shelf, namespace,
     kv = random_kv(len(TOKENS))
     first.save(TOKENS, kv, namespace)
     first.flush()
-    keys = chunk_keys(TOKENS, namespace, CHUNK_SIZE)
+    keys = first.chunk_keys(TOKENS, namespace)
     path = chunk_path(first.config.disk.path, keys[2])
     data = bytearray(path.read_bytes())
     if damage == "flip":

@@ -2,12 +2,14 @@
 
     KVShelfError
     ├── ConfigError (also a ValueError)   bad configuration: says which key and how to fix it
-    ├── CorruptChunk                      a stored object failed framing or checksum checks
-    │   └── UnknownCodec                  a codec id this version does not know
+    ├── CorruptChunk                      a stored object failed framing, authentication or shape checks
+    │   └── ForeignChunk                  a newer kvshelf wrote it (format version, flags): left alone
+    │       └── UnknownCodec              a codec id this version does not know
     └── TierUnavailable                   a tier cannot serve right now (disk full, store down)
 
 Only ConfigError reaches users at start-up. CorruptChunk and TierUnavailable never reach
-an engine: the shelf turns them into cache misses and counts them.
+an engine: the shelf turns them into cache misses and counts them. A CorruptChunk is deleted
+from its tier; a ForeignChunk is not (during a rolling upgrade it is another version's chunk).
 """
 
 
@@ -23,7 +25,11 @@ class CorruptChunk(KVShelfError):
     """A stored chunk is damaged, truncated, foreign, or stored under the wrong key."""
 
 
-class UnknownCodec(CorruptChunk):
+class ForeignChunk(CorruptChunk):
+    """A stored chunk another version of kvshelf wrote (format version, flags or codec unknown here)."""
+
+
+class UnknownCodec(ForeignChunk):
     """A stored chunk names a codec this version of kvshelf does not have."""
 
 

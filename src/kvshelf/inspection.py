@@ -1,9 +1,11 @@
 """What a store holds — a disk tier's directory or a Redis — and removing one namespace from it.
 
 `open_store` takes a directory (disk.path) or a redis:// / rediss:// URL; `inspect_store` counts
-chunks and bytes per namespace and, with `verify`, reads every chunk and lists the damaged ones.
+chunks and bytes per namespace and, with `verify`, reads every chunk and lists the damaged ones:
+authenticated with the deployment key (security.*), and shaped as its namespace's layout says.
 """
 
+import functools
 import json
 import re
 import shutil
@@ -13,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvshelf.codecs import CODECS_BY_ID, unframe
+from kvshelf.codecs.framing import Expected, verify
 from kvshelf.config import load_config
-from kvshelf.errors import CorruptChunk, TierUnavailable
+from kvshelf.errors import CorruptChunk, ForeignChunk, TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
+from kvshelf.layout import KVLayout
+from kvshelf.security import Keyring
 from kvshelf.tiers.disk import TMP_DIR, iter_chunk_files
 from kvshelf.tiers.redis import NAMESPACE_FIELD, SCAN_BATCH, RedisTier
 
@@ -32,6 +37,7 @@ class StoredObject:
 
 class Store(ABC):
     name: str
+    keyring: Keyring  # what verifies chunks: the deployment's key (see open_store)
 
     @abstractmethod
     def objects(self) -> Iterator[StoredObject]:
@@ -64,11 +70,12 @@ class Store(ABC):
 
 
 class DiskStore(Store):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keyring: Keyring) -> None:
         if not root.is_dir():
             raise ValueError(f"{root} is not a directory; give the disk tier's path (disk.path) or a redis:// URL")
         self.root = root
         self.name = str(root)
+        self.keyring = keyring
 
     def objects(self) -> Iterator[StoredObject]:
         for path, key in iter_chunk_files(self.root):
@@ -109,9 +116,10 @@ def _read_file(path: Path) -> bytes | None:
 
 
 class RedisStore(Store):
-    def __init__(self, tier: RedisTier) -> None:
+    def __init__(self, tier: RedisTier, keyring: Keyring) -> None:
         self.tier = tier
         self.name = tier.where
+        self.keyring = keyring
 
     def objects(self) -> Iterator[StoredObject]:
         batch: list[tuple[str, ChunkKey | None]] = []
@@ -147,17 +155,18 @@ class RedisStore(Store):
 def open_store(target: str, cluster: bool = False, config_path: str | None = None) -> Store:
     """The store at `target`: a disk tier's directory, or a Redis URL (a Redis Cluster with `cluster`).
 
-    For Redis, the login and timeouts come from `config_path`, $KVSHELF_CONFIG or KVSHELF_REDIS_* variables.
+    The deployment key, and for Redis the login and timeouts, come from `config_path`, $KVSHELF_CONFIG
+    or KVSHELF_* variables.
     """
     if not target.startswith(REDIS_SCHEMES):
-        return DiskStore(Path(target).expanduser())
+        return DiskStore(Path(target).expanduser(), Keyring.from_config(load_config(config_path).security))
     config = load_config(config_path, redis_url=target, **({"redis_cluster": True} if cluster else {}))
     tier = RedisTier(config.redis, config.tier_backoff_s)
     try:
         tier.connect()
     except TierUnavailable as exc:
         raise ValueError(str(exc)) from exc
-    return RedisStore(tier)
+    return RedisStore(tier, Keyring.from_config(config.security))
 
 
 @dataclass(slots=True)
@@ -204,8 +213,9 @@ def inspect_store(
     report = StoreReport(store.name, info=store.info())
     objects = list(store.objects())
     batches = [objects[start : start + 64] for start in range(0, len(objects), 64)]
+    expected_of = functools.cache(lambda namespace_id: _expected(store.description(namespace_id)))
     for batch in progress(batches) if progress else batches:
-        reasons = _check(store, batch) if verify else [None] * len(batch)
+        reasons = _check(store, batch, expected_of) if verify else [None] * len(batch)
         for stored, reason in zip(batch, reasons):
             if stored.key is None:
                 reason = "not a chunk's name"
@@ -225,7 +235,9 @@ def inspect_store(
     return report
 
 
-def _check(store: Store, batch: Sequence[StoredObject]) -> list[str | None]:
+def _check(
+    store: Store, batch: Sequence[StoredObject], expected_of: Callable[[str], Expected | None]
+) -> list[str | None]:
     reasons = []
     for stored, blob in zip(batch, store.read(batch)):
         if stored.key is None:
@@ -234,8 +246,22 @@ def _check(store: Store, batch: Sequence[StoredObject]) -> list[str | None]:
             reasons.append(GONE)
         else:
             try:
-                unframe(blob, stored.key.digest, CODECS_BY_ID)
+                expected = expected_of(stored.key.namespace_id)
+                if expected is None:  # the layout is unknown: check framing and authentication only
+                    verify(blob, stored.key.digest, store.keyring)
+                else:
+                    unframe(blob, stored.key.digest, store.keyring, CODECS_BY_ID, expected)
                 reasons.append(None)
+            except ForeignChunk as exc:
+                reasons.append(f"written by another kvshelf version ({exc}); left alone by engines")
             except CorruptChunk as exc:
                 reasons.append(str(exc))
     return reasons
+
+
+def _expected(description: dict | None) -> Expected | None:
+    """Any token count, in the layout the namespace's description records (None if it has none)."""
+    try:
+        return Expected(KVLayout(**description["layout"]), None)
+    except (TypeError, KeyError, ValueError):
+        return None

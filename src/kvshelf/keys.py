@@ -1,7 +1,9 @@
 """Chunk keys: a chained blake3 hash that names a chunk and everything before it.
 
 key_{-1} = H(namespace), key_i = H(key_{i-1} || tokens_i [|| multimodal hashes in chunk i]),
-with tokens as little-endian int32. Deterministic across processes and machines.
+with tokens as little-endian int32 and H keyed by the deployment secret (see kvshelf.security):
+deterministic across processes and machines that share the secret, and meaningless to anyone
+reading a store without it.
 
 A prompt's trailing partial chunk (its "tail") has a key only when asked for: prefill/decode
 transfer ships it, so the decode instance recomputes only the last token. The tail's key hashes
@@ -17,6 +19,7 @@ import blake3
 import numpy as np
 
 from kvshelf.layout import KVLayout
+from kvshelf.security import Keyring
 
 NAMESPACE_ID_CHARS = 16
 # (token position, content hash) of each multimodal input in a prompt.
@@ -52,20 +55,34 @@ class Namespace:
         return cls(**fields)
 
     def describe(self) -> dict:
-        """A JSON-able description; its canonical form is what the namespace digest hashes."""
+        """A JSON-able description; its canonical form is what the namespace digest hashes.
+        It holds the tenant's salt: stores get `public_description` instead."""
         description = asdict(self)
         description["extra"] = dict(sorted(self.extra))
         return description
 
+    def public_description(self, keyring: Keyring) -> dict:
+        """What a store may record of the namespace: the salt only as a keyed hash."""
+        description = self.describe()
+        salt = description.pop("cache_salt")
+        description["cache_salt_tag"] = keyring.salt_tag(salt) if salt is not None else None
+        return description
+
     @cached_property
     def digest(self) -> bytes:
+        """Unkeyed: never stored. Stores see only `root`'s keyed derivations."""
         canonical = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
         return blake3.blake3(b"kvshelf-namespace-v1\0" + canonical.encode()).digest()
 
-    @property
-    def id(self) -> str:
+    def root(self, keyring: Keyring) -> bytes:
+        """key_{-1}: the start of every chunk key chain in this namespace."""
+        hasher = keyring.hasher()
+        hasher.update(self.digest)
+        return hasher.digest()
+
+    def id(self, keyring: Keyring) -> str:
         """Short printable id; stores group chunks under it (listing, clearing)."""
-        return self.digest.hex()[:NAMESPACE_ID_CHARS]
+        return self.root(keyring).hex()[:NAMESPACE_ID_CHARS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +103,8 @@ def chunk_keys(
     chunk_size: int,
     mm_hashes: MMHashes = (),
     tail: bool = False,
+    *,
+    keyring: Keyring,
 ) -> list[ChunkKey]:
     """Keys of every full chunk of `token_ids`, and with `tail` of the trailing partial chunk if any.
 
@@ -102,15 +121,17 @@ def chunk_keys(
     num_chunks = len(token_ids) // chunk_size
     if tail and len(token_ids) % chunk_size:
         num_chunks += 1
-    previous = namespace.digest
+    previous = namespace.root(keyring)
+    namespace_id = previous.hex()[:NAMESPACE_ID_CHARS]
     keys = []
     for index in range(num_chunks):
-        hasher = blake3.blake3(previous)
+        hasher = keyring.hasher()
+        hasher.update(previous)
         if (index + 1) * chunk_size > len(token_ids):
             hasher.update(TAIL_MARKER)
         hasher.update(tokens_le[index * chunk_bytes : (index + 1) * chunk_bytes])
         for content_hash in mm_by_chunk.get(index, ()):
             hasher.update(content_hash)
         previous = hasher.digest()
-        keys.append(ChunkKey(namespace.id, previous))
+        keys.append(ChunkKey(namespace_id, previous))
     return keys

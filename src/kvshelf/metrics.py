@@ -28,7 +28,8 @@ class ShelfCounters:
     dropped_writes: int = 0
     loaded_bytes: defaultdict[str, int] = field(default_factory=_per_tier)
     stored_bytes: defaultdict[str, int] = field(default_factory=_per_tier)
-    corrupt_chunks: defaultdict[str, int] = field(default_factory=_per_tier)
+    corrupt_chunks: defaultdict[str, int] = field(default_factory=_per_tier)  # failed checks: deleted
+    foreign_chunks: defaultdict[str, int] = field(default_factory=_per_tier)  # another version's: left alone
     tier_errors: defaultdict[str, int] = field(default_factory=_per_tier)
     skipped_ops: defaultdict[str, int] = field(default_factory=_per_tier)  # while a failed tier backs off
 
@@ -74,6 +75,7 @@ class ShelfMetrics:
                     "stored_bytes": counters.stored_bytes[tier.name],
                     "evictions": tier.counters.num_evictions,
                     "corrupt_chunks": counters.corrupt_chunks[tier.name],
+                    "foreign_chunks": counters.foreign_chunks[tier.name],
                     "errors": counters.tier_errors[tier.name] + tier.counters.num_errors,
                     "skipped": counters.skipped_ops[tier.name],
                     "rejected_writes": tier.counters.num_rejected_writes,
@@ -108,6 +110,9 @@ class _CounterCollector(Collector):
             "evictions": CounterMetricFamily("kvshelf_evictions", "Chunks evicted from a tier", labels=["tier"]),
             "corrupt_chunks": CounterMetricFamily(
                 "kvshelf_corrupt_chunks", "Stored chunks that failed verification", labels=["tier"]
+            ),
+            "foreign_chunks": CounterMetricFamily(
+                "kvshelf_foreign_chunks", "Stored chunks another kvshelf version wrote (left alone)", labels=["tier"]
             ),
             "errors": CounterMetricFamily("kvshelf_tier_errors", "Failed tier operations", labels=["tier"]),
             "skipped": CounterMetricFamily(

@@ -9,8 +9,8 @@ import torch
 
 from kvshelf import Shelf, load_config
 from kvshelf.codecs import CODECS_BY_ID, unframe
+from kvshelf.codecs.framing import Expected
 from kvshelf.integrations.hf import HFEngine
-from kvshelf.keys import chunk_keys
 from kvshelf.models import BUNDLED_MODEL_ID
 from kvshelf.tiers.disk import chunk_path
 
@@ -111,7 +111,10 @@ def test_damaged_disk_chunk_means_recompute_not_wrong_output(bundled, tmp_path, 
     with Shelf(config) as writer:
         HFEngine(model, tokenizer, writer, BUNDLED_MODEL_ID).generate(prompt, 2)
     engine_namespace = HFEngine(model, tokenizer, None, BUNDLED_MODEL_ID).namespace()
-    damaged = chunk_path(config.disk.path, chunk_keys(prompt, engine_namespace, CHUNK_SIZE)[1])
+    with Shelf(config) as keys_of:
+        key = keys_of.chunk_keys(prompt, engine_namespace)[1]
+        keyring = keys_of.keyring
+    damaged = chunk_path(config.disk.path, key)
     data = bytearray(damaged.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte inside the KV payload
     damaged.write_bytes(data)
@@ -121,7 +124,7 @@ def test_damaged_disk_chunk_means_recompute_not_wrong_output(bundled, tmp_path, 
         assert reader.stats()["tiers"]["disk"]["corrupt_chunks"] == 1
     # The damaged file was removed, and the recompute stored a good copy in its place.
     assert damaged.read_bytes() != data
-    unframe(damaged.read_bytes(), chunk_keys(prompt, engine_namespace, CHUNK_SIZE)[1].digest, CODECS_BY_ID)
+    unframe(damaged.read_bytes(), key.digest, keyring, CODECS_BY_ID, Expected(engine_namespace.layout, CHUNK_SIZE))
     assert_same_as_reference(result, reference, prompt)
 
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from kvshelf import KVLayout, Namespace
 from kvshelf.integrations.vllm.context import mm_hashes, request_namespace
 from kvshelf.keys import chunk_keys
+from kvshelf.security import Keyring
 
 BASE = Namespace("model@rev", KVLayout(30, 3, 64), extra=(("engine", "vllm"),))
 TOKENS = list(range(512))
@@ -17,7 +18,7 @@ def request(lora=None, salt=None, images=()):
 
 
 def keys(req) -> list:
-    return chunk_keys(TOKENS, request_namespace(BASE, req), 128, mm_hashes(req))
+    return chunk_keys(TOKENS, request_namespace(BASE, req), 128, mm_hashes(req), keyring=Keyring(bytes(32)))
 
 
 def test_plain_requests_share():

@@ -26,7 +26,6 @@ import torch
 from kvshelf.bench.documents import QUESTIONS, documents, stdlib_corpus
 from kvshelf.config import DiskConfig, MemoryConfig, ShelfConfig
 from kvshelf.integrations.hf import HFEngine
-from kvshelf.keys import chunk_keys
 from kvshelf.models import BUNDLED_MODEL_ID, load_bundled
 from kvshelf.shelf import Shelf
 from kvshelf.tiers.disk import chunk_path
@@ -110,7 +109,7 @@ def elapsed_s(action: Callable[..., object], *args: object) -> float:
 
 
 def doc_chunk_files(spec: LongDocQA, engine: HFEngine, workload: Workload, doc: int) -> list[Path]:
-    keys = chunk_keys(workload.prompt(doc, 0), engine.namespace(), spec.chunk_size)
+    keys = engine.shelf.chunk_keys(workload.prompt(doc, 0), engine.namespace())
     return [chunk_path(spec.disk_dir, key) for key in keys]
 
 

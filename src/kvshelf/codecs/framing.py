@@ -1,42 +1,73 @@
 """The stored-object format: a fixed header, then the codec's payload.
 
-    magic "KVSH" | version u8 | codec id u8 | dtype code u8 | reserved u8 |
-    shape 5 x u32 | key digest 32 B | payload length u64 | checksum u64 | payload
+    magic "KVSH" | version u8 | codec id u8 | dtype code u8 | flags u8 |
+    shape 5 x u32 | payload length u64 | tag 32 B | payload
 
-The checksum is xxh3-64 over the header (checksum field excluded) and the payload, so a
-flipped byte anywhere — a shape, a dtype, the data — is caught. The key digest ties the
-object to the key it was stored under: a file copied or renamed to another key is foreign.
+The tag authenticates the key digest the object is stored under, the header and the payload
+(see `Keyring.tag`: keyed blake3, or an xxh3-128 checksum with `security.key: none`). So a
+flipped byte anywhere, an object copied to another key, or one forged without the secret is
+caught before anything is decoded. With the ENCRYPTED flag the payload is sealed with
+AES-GCM (`Keyring.seal`) and the tag covers the sealed bytes.
+
+Nothing in a header is trusted: `unframe` checks the declared shape and dtype against what the
+caller expects (the namespace's layout and the chunk's token count) before a codec allocates.
+An object of another format version, with unknown flags or an unknown codec, is `ForeignChunk`:
+a newer kvshelf sharing the store wrote it, so it is a miss that is left alone.
 """
 
 import struct
+from dataclasses import dataclass
 
 import torch
-import xxhash
 
 from kvshelf.codecs.base import Codec
-from kvshelf.errors import CorruptChunk, UnknownCodec
-from kvshelf.layout import DTYPE_NAMES, DTYPES
+from kvshelf.errors import CorruptChunk, ForeignChunk, UnknownCodec
+from kvshelf.layout import DTYPE_NAMES, DTYPES, KVLayout
+from kvshelf.security import TAG_BYTES, Keyring
 
 MAGIC = b"KVSH"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<4sBBBB5I32sQ")
-_CHECKSUM = struct.Struct("<Q")
-HEADER_BYTES = _PREFIX.size + _CHECKSUM.size
+FORMAT_VERSION = 2
+ENCRYPTED = 0x01
+KNOWN_FLAGS = ENCRYPTED
+_PREFIX = struct.Struct("<4sBBBB5IQ")
+HEADER_BYTES = _PREFIX.size + TAG_BYTES
 _DTYPE_CODES = {name: code for code, name in enumerate(sorted(DTYPES), start=1)}
 _DTYPE_BY_CODE = {code: DTYPES[name] for name, code in _DTYPE_CODES.items()}
 
 
-def frame_parts(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> list[bytes | memoryview]:
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What a chunk must be: the namespace's layout, and its token count (a whole chunk's or a
+    tail's); `num_tokens` None (tools that do not know the chunk size) allows 1..max_tokens."""
+
+    layout: KVLayout
+    num_tokens: int | None
+    max_tokens: int = 1 << 20
+
+    def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        tokens = shape[2]
+        tokens_ok = tokens == self.num_tokens if self.num_tokens is not None else 0 < tokens <= self.max_tokens
+        if not tokens_ok or shape != self.layout.shape(tokens) or dtype != self.layout.torch_dtype:
+            want = self.layout.shape(self.num_tokens) if self.num_tokens is not None else self.layout
+            raise CorruptChunk(f"chunk is {shape} of {dtype}; this namespace stores {want} of {self.layout.dtype}")
+
+
+def frame_parts(
+    kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring, encrypt: bool = False
+) -> list[bytes | memoryview]:
     """The stored object for chunk `kv` (layers, 2, tokens, kv_heads, head_dim) under `key_digest`,
     as [header, payload]: tiers write one after the other, so the payload (for `raw`, the tensor's
-    own memory) is never copied to join them."""
+    own memory) is never copied to join them. `encrypt` seals the payload (keyring.encrypt_at_rest)."""
     payload = codec.encode(kv)
-    prefix = _PREFIX.pack(
-        MAGIC, FORMAT_VERSION, codec.id, _DTYPE_CODES[DTYPE_NAMES[kv.dtype]], 0, *kv.shape, key_digest, len(payload)
-    )
-    checksum = xxhash.xxh3_64(prefix)
-    checksum.update(payload)
-    return [prefix + _CHECKSUM.pack(checksum.intdigest()), payload]
+    flags = ENCRYPTED if encrypt else 0
+    dtype_code = _DTYPE_CODES[DTYPE_NAMES[kv.dtype]]
+    if encrypt:
+        sealed_length = len(memoryview(payload).cast("B")) + 12 + 16  # nonce and GCM tag around it
+        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec.id, dtype_code, flags, *kv.shape, sealed_length)
+        payload = keyring.seal(payload, key_digest + prefix)
+    else:
+        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec.id, dtype_code, flags, *kv.shape, len(payload))
+    return [prefix + keyring.tag(key_digest, prefix, payload), payload]
 
 
 def codec_id_of(blob: bytes | bytearray | memoryview) -> int:
@@ -44,39 +75,57 @@ def codec_id_of(blob: bytes | bytearray | memoryview) -> int:
     return blob[5]
 
 
-def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec) -> bytes:
+def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring, encrypt: bool = False) -> bytes:
     """The stored object as one bytes object (for tools and tests)."""
-    return b"".join(frame_parts(kv, key_digest, codec))
+    return b"".join(frame_parts(kv, key_digest, codec, keyring, encrypt))
 
 
-def unframe(blob: bytes | bytearray | memoryview, key_digest: bytes, codecs: dict[int, Codec]) -> torch.Tensor:
-    """The chunk stored in `blob`; raises CorruptChunk unless it is intact and stored under `key_digest`."""
-    view = memoryview(blob)
-    if len(view) < HEADER_BYTES:
-        raise CorruptChunk(f"object of {len(view)} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, version, codec_id, dtype_code, _, *shape_and_rest = _PREFIX.unpack_from(view)
-    *shape, stored_digest, payload_bytes = shape_and_rest
+def verify(blob: bytes | bytearray | memoryview, key_digest: bytes, keyring: Keyring) -> tuple:
+    """Check an object's framing and tag without decoding it (the push receiver does this on arrival).
+
+    Returns the header fields (codec id, dtype code, flags, shape); raises CorruptChunk, or
+    ForeignChunk for another format version.
+    """
+    view = memoryview(blob).cast("B")
+    if view.nbytes < HEADER_BYTES:
+        raise CorruptChunk(f"object of {view.nbytes} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, version, codec_id, dtype_code, flags, *shape, payload_bytes = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CorruptChunk("not a kvshelf object (bad magic)")
     if version != FORMAT_VERSION:
-        raise CorruptChunk(f"object format version {version}; this kvshelf reads version {FORMAT_VERSION}")
-    if len(view) != HEADER_BYTES + payload_bytes:
-        raise CorruptChunk(f"object has {len(view) - HEADER_BYTES} payload bytes, header says {payload_bytes}")
-    checksum = xxhash.xxh3_64(view[: _PREFIX.size])
-    checksum.update(view[HEADER_BYTES:])
-    (stored_checksum,) = _CHECKSUM.unpack_from(view, _PREFIX.size)
-    if checksum.intdigest() != stored_checksum:
-        raise CorruptChunk("checksum mismatch")
-    if stored_digest != key_digest:
-        raise CorruptChunk("object was stored under another key")
+        raise ForeignChunk(f"object format version {version}; this kvshelf reads version {FORMAT_VERSION}")
+    if view.nbytes != HEADER_BYTES + payload_bytes:
+        raise CorruptChunk(f"object has {view.nbytes - HEADER_BYTES} payload bytes, header says {payload_bytes}")
+    keyring.check_tag(view[_PREFIX.size : HEADER_BYTES], key_digest, view[: _PREFIX.size], view[HEADER_BYTES:])
+    return codec_id, dtype_code, flags, tuple(shape)
+
+
+def unframe(
+    blob: bytes | bytearray | memoryview,
+    key_digest: bytes,
+    keyring: Keyring,
+    codecs: dict[int, Codec],
+    expected: Expected,
+) -> torch.Tensor:
+    """The chunk stored in `blob`; raises CorruptChunk unless it is authentic, stored under
+    `key_digest` and shaped as `expected`, or ForeignChunk if a newer kvshelf wrote it."""
+    view = memoryview(blob).cast("B")
+    codec_id, dtype_code, flags, shape = verify(view, key_digest, keyring)
+    if flags & ~KNOWN_FLAGS:
+        raise ForeignChunk(f"object has flags {flags:#x} this version of kvshelf does not know")
     if codec_id not in codecs:
         raise UnknownCodec(f"codec id {codec_id} is unknown to this version of kvshelf")
     if dtype_code not in _DTYPE_BY_CODE:
         raise CorruptChunk(f"dtype code {dtype_code} is unknown")
+    dtype = _DTYPE_BY_CODE[dtype_code]
+    expected.check(shape, dtype)
+    payload = view[HEADER_BYTES:]
+    if flags & ENCRYPTED:
+        payload = memoryview(keyring.open(payload, key_digest + bytes(view[: _PREFIX.size])))
     codec = codecs[codec_id]
     try:
-        return codec.decode(view[HEADER_BYTES:], tuple(shape), _DTYPE_BY_CODE[dtype_code])
+        return codec.decode(payload, shape, dtype)
     except CorruptChunk:
         raise
-    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:  # the codec's own checks missed it
-        raise CorruptChunk(f"{codec.name} payload does not decode to {tuple(shape)}: {exc}") from exc
+    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError, IndexError) as exc:
+        raise CorruptChunk(f"{codec.name} payload does not decode to {shape}: {exc}") from exc

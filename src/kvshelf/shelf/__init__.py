@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from kvshelf.codecs.framing import Expected
 from kvshelf.config import RedisConfig, ShelfConfig, load_config
 from kvshelf.errors import ConfigError, TierUnavailable
 from kvshelf.keys import ChunkKey, MMHashes, Namespace, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
+from kvshelf.security import Keyring
 from kvshelf.shelf.codec_choice import CodecChoice
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
@@ -59,18 +61,20 @@ class Shelf:
     def __init__(self, config: ShelfConfig | None = None) -> None:
         self.config = config or ShelfConfig()
         self.chunk_size = self.config.chunk_size
+        self.keyring = Keyring.from_config(self.config.security)
         lower = []
         self.inbox: InboxTier | None = None
         if self.config.pd.receive_address is not None:
             self.inbox = InboxTier(self.config.pd.inbox_size_bytes, self.config.pd.inbox_ttl_s)
             lower.append(LowerTier(self.inbox, CodecChoice.of("raw", None), receives_writes=False))
         if self.config.disk is not None:
-            disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes)
+            disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes, self.config.disk.mode)
             lower.append(LowerTier(disk, CodecChoice.of(self.config.disk.codec, self.config.disk.codec_budget_ms)))
         if self.config.redis is not None:
             lower.append(self._connect_redis(self.config.redis))
         counters = ShelfCounters()
-        self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, counters, self.config.tier_backoff_s)
+        self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, counters, self.config.tier_backoff_s,
+                                self.keyring)
         self.metrics = ShelfMetrics(counters, self._stack.tiers)
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
         self._closed = False
@@ -85,13 +89,19 @@ class Shelf:
         except TierUnavailable as exc:
             logger.warning("kvshelf: redis tier: %s; starting without it, retrying every %.1f s",
                            exc, self.config.tier_backoff_s)
-            slot.down_until_s = time.monotonic() + self.config.tier_backoff_s
+            slot.back_off(time.monotonic() + self.config.tier_backoff_s)
         return slot
 
     @classmethod
     def from_config(cls, path: str | None = None, **overrides: Any) -> "Shelf":
         """A shelf configured from a YAML file, KVSHELF_* variables and keywords (see kvshelf.config)."""
         return cls(load_config(path, **overrides))
+
+    def chunk_keys(
+        self, token_ids: Sequence[int], namespace: Namespace, mm_hashes: MMHashes = (), tail: bool = False
+    ) -> list[ChunkKey]:
+        """The keys of `token_ids`' chunks in this deployment (see kvshelf.keys.chunk_keys)."""
+        return chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail, keyring=self.keyring)
 
     def lookup(
         self,
@@ -108,7 +118,7 @@ class Shelf:
         A `probe` (a router asking where to send a prompt) counts only this instance's own tiers,
         since a shared one serves every instance alike, and is left out of the hit statistics.
         """
-        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)
+        keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)
         num_tokens = min(self._stack.contains_prefix(keys, shared=not probe) * self.chunk_size, len(token_ids))
         if not probe:
             self.metrics.counters.lookup_tokens += len(token_ids)
@@ -136,10 +146,13 @@ class Shelf:
         first_chunk = start // self.chunk_size
         if tail:
             num_chunks = -(-upto // self.chunk_size)
-            keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)[first_chunk:num_chunks]
+            keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)[first_chunk:num_chunks]
         else:
-            keys = chunk_keys(token_ids[:upto], namespace, self.chunk_size, mm_hashes)[first_chunk:]
-        chunks = self._stack.get_prefix(keys)
+            keys = self.chunk_keys(token_ids[:upto], namespace, mm_hashes)[first_chunk:]
+        num_tokens = len(token_ids)  # a stored tail is the prompt's last, partial chunk
+        expected = [Expected(namespace.layout, min(self.chunk_size, num_tokens - index * self.chunk_size))
+                    for index in range(first_chunk, first_chunk + len(keys))]
+        chunks = self._stack.get_prefix(keys, expected)
         self.metrics.load_seconds.observe(time.perf_counter() - started_s)
         return LoadResult(sum(chunk.shape[2] for chunk in chunks), chunks, first_chunk * self.chunk_size)
 
@@ -177,7 +190,7 @@ class Shelf:
         if start % self.chunk_size:
             raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
         first_chunk = start // self.chunk_size
-        keys = chunk_keys(token_ids, namespace, self.chunk_size, mm_hashes, tail)[first_chunk:]
+        keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)[first_chunk:]
         if not keys:
             return 0
         items: list[tuple[ChunkKey, torch.Tensor]] = []

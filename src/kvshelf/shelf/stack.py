@@ -1,24 +1,28 @@
 """The tier stack: memory on top, byte tiers below; read top-down, promote to memory.
 
 Lower tiers are guarded: a tier that raises TierUnavailable is skipped for a back-off
-period (a circuit breaker), so a dead store costs one failure, not one per request.
-Objects that fail verification are deleted from their tier and counted; to the caller they
-are simply missing.
+period (a circuit breaker), so a dead store costs one failure, not one per request. Reads and
+writes have a breaker each: a full disk stops writes, not reads of what it holds.
+Objects that fail verification (authentication, framing, shape) are deleted from their tier
+and counted; objects a newer kvshelf wrote are counted as foreign and left alone. To the
+caller both are simply missing.
 """
 
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from prometheus_client import Histogram
 
 from kvshelf.codecs import CODECS_BY_ID, codec_id_of, frame_parts, unframe
-from kvshelf.errors import CorruptChunk, TierUnavailable
+from kvshelf.codecs.framing import Expected
+from kvshelf.errors import CorruptChunk, ForeignChunk, TierUnavailable
 from kvshelf.keys import ChunkKey, Namespace
 from kvshelf.metrics import ShelfCounters
+from kvshelf.security import Keyring
 from kvshelf.shelf.codec_choice import CodecChoice
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
 from kvshelf.tiers.memory import MemoryTier, tensor_bytes
@@ -26,28 +30,35 @@ from kvshelf.tiers.memory import MemoryTier, tensor_bytes
 logger = logging.getLogger(__name__)
 
 WRITE_GROUP_BYTES = 64 * 2**20
+READ, WRITE = "read", "write"
 
 
 @dataclass(slots=True)
 class LowerTier:
     tier: Tier
     codecs: CodecChoice
-    down_until_s: float = 0.0
     receives_writes: bool = True  # False: filled from elsewhere (the inbox of pushed KV)
+    # Per direction (READ, WRITE): until when the breaker keeps it off.
+    down_until_s: dict[str, float] = field(default_factory=lambda: {READ: 0.0, WRITE: 0.0})
 
-    @property
-    def is_up(self) -> bool:
-        return time.monotonic() >= self.down_until_s
+    def is_up(self, direction: str) -> bool:
+        return time.monotonic() >= self.down_until_s[direction]
+
+    def back_off(self, until_s: float, directions: Sequence[str] = (READ, WRITE)) -> None:
+        for direction in directions:
+            self.down_until_s[direction] = until_s
 
 
 class TierStack:
     def __init__(
-        self, memory: MemoryTier, lower: Sequence[LowerTier], counters: ShelfCounters, backoff_s: float
+        self, memory: MemoryTier, lower: Sequence[LowerTier], counters: ShelfCounters, backoff_s: float,
+        keyring: Keyring,
     ) -> None:
         self.memory = memory
         self.lower = list(lower)
         self._counters = counters
         self._backoff_s = backoff_s
+        self._keyring = keyring
 
     @property
     def tiers(self) -> list[Tier]:
@@ -63,13 +74,14 @@ class TierStack:
             progressed = False
             num_found += self.memory.contains_prefix(keys[num_found:])
             for slot in lower:
-                found = self._guarded(slot, 0, slot.tier.contains_prefix, keys[num_found:])
+                found = self._guarded(slot, READ, 0, slot.tier.contains_prefix, keys[num_found:])
                 num_found += found
                 progressed = progressed or found > 0
         return num_found
 
-    def get_prefix(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
-        """Chunks of the longest leading run of `keys` that can be read and verified."""
+    def get_prefix(self, keys: Sequence[ChunkKey], expected: Sequence[Expected]) -> list[torch.Tensor]:
+        """Chunks of the longest leading run of `keys` that can be read and verified; `expected[i]`
+        is what the i-th must be."""
         chunks = self.memory.get_many(keys)
         for chunk in chunks:
             if chunk is not None:
@@ -78,7 +90,7 @@ class TierStack:
             missing = [index for index, chunk in enumerate(chunks) if chunk is None]
             if not missing:
                 break
-            found = self._read(slot, [keys[index] for index in missing])
+            found = self._read(slot, [keys[index] for index in missing], [expected[index] for index in missing])
             for index, chunk in zip(missing, found):
                 chunks[index] = chunk
             self.memory.put_many([(keys[i], c) for i, c in zip(missing, found) if c is not None])
@@ -89,27 +101,30 @@ class TierStack:
             prefix.append(chunk)
         return prefix
 
-    def _read(self, slot: LowerTier, keys: list[ChunkKey]) -> list[torch.Tensor | None]:
+    def _read(self, slot: LowerTier, keys: list[ChunkKey], expected: list[Expected]) -> list[torch.Tensor | None]:
         started_s = time.perf_counter()
-        blobs = self._guarded(slot, [None] * len(keys), slot.tier.get_many, keys)
+        blobs = self._guarded(slot, READ, [None] * len(keys), slot.tier.get_many, keys)
         slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
-        for key, blob in zip(keys, blobs):
+        for key, blob, expect in zip(keys, blobs, expected):
             chunk = None
             if blob is not None:
                 try:
                     started_s = time.perf_counter()
-                    chunk = unframe(blob, key.digest, CODECS_BY_ID)
+                    chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect)
                     slot.codecs.note_decoded(codec_id_of(blob), chunk.nbytes, time.perf_counter() - started_s)
                     self._counters.loaded_bytes[slot.tier.name] += len(blob)
+                except ForeignChunk as exc:
+                    logger.info("kvshelf: leaving chunk %s in %s alone: %s", key.hex, slot.tier.name, exc)
+                    self._counters.foreign_chunks[slot.tier.name] += 1
                 except CorruptChunk as exc:
                     logger.warning("kvshelf: dropping damaged chunk %s from %s: %s", key.hex, slot.tier.name, exc)
                     self._counters.corrupt_chunks[slot.tier.name] += 1
                     corrupt_keys.append(key)
             chunks.append(chunk)
         if corrupt_keys:
-            self._guarded(slot, None, slot.tier.delete, corrupt_keys)
+            self._guarded(slot, WRITE, None, slot.tier.delete, corrupt_keys)
         return chunks
 
     def write_lower(
@@ -120,7 +135,7 @@ class TierStack:
             if not slot.receives_writes:
                 continue
             started_s = time.perf_counter()
-            if self._guarded(slot, False, self._write, slot, items, namespace) is False:
+            if self._guarded(slot, WRITE, False, self._write, slot, items, namespace) is False:
                 self._counters.dropped_writes += 1
             else:
                 store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
@@ -130,14 +145,14 @@ class TierStack:
         new_items = [item for item, is_held in zip(items, held) if not is_held]
         if not new_items:
             return True
-        slot.tier.note_namespace(namespace)
+        slot.tier.note_namespace(namespace.id(self._keyring), namespace.public_description(self._keyring))
         # Framed in groups of about WRITE_GROUP_BYTES: a long prompt's chunks are never all copied
         # at once, and each group's buffers are reused for the next, not freshly faulted in.
         group: list[tuple[ChunkKey, Parts]] = []
         group_bytes = 0
         for index, (key, chunk) in enumerate(new_items):
             codec = slot.codecs.choose(chunk.nbytes)
-            parts = frame_parts(chunk, key.digest, codec)
+            parts = frame_parts(chunk, key.digest, codec, self._keyring, self._keyring.encrypt_at_rest)
             slot.codecs.note_encoded(codec, chunk.nbytes, parts_bytes(parts))
             group.append((key, parts))
             group_bytes += parts_bytes(parts)
@@ -147,20 +162,24 @@ class TierStack:
                 group, group_bytes = [], 0
         return True
 
-    def _guarded(self, slot: LowerTier, fallback: Any, operation: Callable[..., Any], *args: Any) -> Any:
-        """`operation(*args)` on a tier, unless it is backing off; a failure starts a back-off.
+    def _guarded(
+        self, slot: LowerTier, direction: str, fallback: Any, operation: Callable[..., Any], *args: Any
+    ) -> Any:
+        """`operation(*args)` on a tier, unless its `direction` (READ or WRITE) is backing off; a
+        failure starts that direction's back-off.
 
         Either way the caller gets `fallback`: reads miss, writes are dropped, and both are counted.
         """
-        if not slot.is_up:
+        if not slot.is_up(direction):
             self._counters.skipped_ops[slot.tier.name] += 1
             return fallback
         try:
             return operation(*args)
         except TierUnavailable as exc:
-            logger.warning("kvshelf: %s tier failed, skipping it for %.1f s: %s", slot.tier.name, self._backoff_s, exc)
+            logger.warning("kvshelf: %s tier failed to %s, skipping its %ss for %.1f s: %s",
+                           slot.tier.name, direction, direction, self._backoff_s, exc)
             self._counters.tier_errors[slot.tier.name] += 1
-            slot.down_until_s = time.monotonic() + self._backoff_s
+            slot.back_off(time.monotonic() + self._backoff_s, [direction])
             return fallback
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from kvshelf.keys import ChunkKey, Namespace
+from kvshelf.keys import ChunkKey
 
 Value = TypeVar("Value")
 # A stored object as buffers to write in order; the object is their concatenation.
@@ -71,8 +71,9 @@ class Tier(ABC, Generic[Value]):
     def refresh_usage(self) -> None:
         """Bring `used_bytes`, `capacity_bytes` and counters up to date before they are read. Optional."""
 
-    def note_namespace(self, namespace: Namespace) -> None:
-        """Record what a namespace id means, for tools that list stored chunks. Optional."""
+    def note_namespace(self, namespace_id: str, description: dict) -> None:
+        """Record what a namespace id means (its public description: no salt), for tools that list
+        stored chunks. Optional."""
 
     def close(self) -> None:
         """Release resources. Optional."""

@@ -23,6 +23,7 @@ DESCRIPTIONS = {
     "stored_bytes": "Bytes written to a tier",
     "evictions": "Chunks evicted from a tier",
     "corrupt_chunks": "Stored chunks that failed verification",
+    "foreign_chunks": "Stored chunks another kvshelf version wrote (left alone)",
     "errors": "Failed tier operations",
     "skipped": "Operations skipped while a failed tier backs off",
     "rejected_writes": "Chunks a full tier refused to store",
@@ -42,8 +43,8 @@ def flat_counters(shelf: Shelf, load_failed_tokens: int, transfers: TransferCoun
     flat["load_failed_tokens"] = load_failed_tokens
     flat.update(asdict(transfers))
     for tier_name, tier_stats in stats["tiers"].items():
-        for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "errors", "skipped",
-                     "rejected_writes"):
+        for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "foreign_chunks", "errors",
+                     "skipped", "rejected_writes"):
             flat[f"{tier_name}_{name}"] = tier_stats[name]
     return flat
 

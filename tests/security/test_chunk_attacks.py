@@ -1,0 +1,242 @@
+"""What an attacker with write access to a store can do to a chunk: each attempt is a counted miss.
+
+Every test goes through the public Shelf API over real files and a real redis-server, and shows
+the attack failing while the engine's answer (the KV it loads) stays the genuine one.
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from kvshelf import Namespace, Shelf, load_config
+from kvshelf.codecs import CODECS, frame
+from kvshelf.codecs.framing import FORMAT_VERSION, _PREFIX
+from kvshelf.security import Keyring
+from kvshelf.tiers.disk import chunk_path
+from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
+
+TOKENS = list(range(500, 516))  # 4 chunks of 4
+SECRET = "a-test-deployment-secret-of-32-characters-or-more"
+
+
+@pytest.fixture
+def shelves(tmp_path):
+    made = []
+
+    def make(**overrides) -> Shelf:
+        values = {"chunk_size": CHUNK_SIZE, "disk_path": str(tmp_path / "disk"), "memory_size": "1KiB",
+                  "security_key": SECRET, **overrides}
+        shelf = Shelf(load_config(environ={}, **values))
+        made.append(shelf)
+        return shelf
+
+    yield make
+    for shelf in made:
+        shelf.close()
+
+
+def stored(shelf: Shelf, namespace: Namespace) -> tuple[torch.Tensor, list]:
+    kv = random_kv(len(TOKENS))
+    shelf.save(TOKENS, kv, namespace)
+    shelf.flush()
+    return kv, shelf.chunk_keys(TOKENS, namespace)
+
+
+def forged(key_digest: bytes, keyring: Keyring, num_tokens: int = CHUNK_SIZE, layout=LAYOUT) -> bytes:
+    """A well-framed chunk of the attacker's choosing, tagged with the attacker's keyring."""
+    return frame(torch.full(layout.shape(num_tokens), 7.0), key_digest, CODECS["raw"], keyring)
+
+
+@pytest.mark.parametrize("attacker", [Keyring(None), Keyring(os.urandom(32))], ids=["unkeyed", "other-key"])
+def test_forged_disk_chunk_is_a_counted_miss_and_the_genuine_one_replaces_it(shelves, namespace, attacker):
+    victim = shelves()
+    kv, keys = stored(victim, namespace)
+    path = chunk_path(victim.config.disk.path, keys[1])
+    path.write_bytes(forged(keys[1].digest, attacker))  # the name is public: the attacker lists the directory
+    reader = shelves()
+    loaded = reader.load(TOKENS, namespace, 16)
+    assert loaded.num_tokens == CHUNK_SIZE and torch.equal(loaded.kv(), kv[:, :, :CHUNK_SIZE])
+    assert reader.stats()["tiers"]["disk"]["corrupt_chunks"] == 1
+    # The engine recomputes and saves: the genuine chunk is written, not blocked by the forged one.
+    reader.save(TOKENS, kv, namespace)
+    reader.flush()
+    assert torch.equal(shelves().load(TOKENS, namespace, 16).kv(), kv)
+
+
+def test_forged_redis_chunk_is_a_counted_miss(shelves, namespace, redis_server):
+    victim = shelves(disk_path=None, redis_url=redis_server.url)
+    kv, keys = stored(victim, namespace)
+    client = redis.Redis.from_url(redis_server.url)
+    name = f"kvshelf:{keys[0].namespace_id}:{keys[0].hex}"
+    assert client.exists(name)
+    client.set(name, forged(keys[0].digest, Keyring(None)))
+    reader = shelves(disk_path=None, redis_url=redis_server.url)
+    assert reader.load(TOKENS, namespace, 16).num_tokens == 0
+    assert reader.stats()["tiers"]["redis"]["corrupt_chunks"] == 1
+    assert not client.exists(name)  # deleted, so the next save stores the genuine chunk
+    client.close()
+
+
+def test_chunk_under_another_key_or_written_with_another_key_is_refused(shelves, namespace):
+    victim = shelves()
+    kv, keys = stored(victim, namespace)
+    root = victim.config.disk.path
+    shutil.copy(chunk_path(root, keys[3]), chunk_path(root, keys[2]))  # a genuine chunk, moved
+    other_deployment = shelves(security_key="another-deployment-secret-32-chars-long!")
+    assert other_deployment.lookup(TOKENS, namespace) == 0  # its keys differ: it never even finds them
+    reader = shelves()
+    assert reader.load(TOKENS, namespace, 16).num_tokens == 2 * CHUNK_SIZE
+    assert reader.stats()["tiers"]["disk"]["corrupt_chunks"] == 1
+
+
+@pytest.mark.parametrize("security_key", [SECRET, "none"])
+@pytest.mark.parametrize("layout_change", [
+    {"num_tokens": 2}, {"layout": LAYOUT.__class__(1, 2, 4)}, {"layout": LAYOUT.__class__(2, 1, 4)},
+    {"layout": LAYOUT.__class__(2, 2, 8)}, {"layout": LAYOUT.__class__(2, 2, 4, "float16")},
+])
+def test_authentic_chunk_of_the_wrong_shape_is_refused(shelves, namespace, security_key, layout_change):
+    """A key holder's bug (or an insider) wrote a chunk of another shape: never loaded, never raised."""
+    victim = shelves(security_key=security_key)
+    kv, keys = stored(victim, namespace)
+    chunk_path(victim.config.disk.path, keys[1]).write_bytes(forged(keys[1].digest, victim.keyring, **layout_change))
+    reader = shelves(security_key=security_key)
+    loaded = reader.load(TOKENS, namespace, 16)
+    assert loaded.num_tokens == CHUNK_SIZE and torch.equal(loaded.kv(), kv[:, :, :CHUNK_SIZE])
+    assert reader.stats()["tiers"]["disk"]["corrupt_chunks"] == 1
+
+
+BOMB_SCRIPT = """
+import resource, sys, struct
+from kvshelf import Namespace, Shelf, load_config
+from kvshelf.codecs import CODECS
+from kvshelf.codecs.framing import FORMAT_VERSION, _PREFIX
+from kvshelf.keys import chunk_keys
+from kvshelf.layout import KVLayout
+from kvshelf.tiers.disk import chunk_path
+layout = KVLayout(2, 2, 4)
+namespace = Namespace("bomb-model", layout)
+shelf = Shelf(load_config(environ={}, chunk_size=4, disk_path=sys.argv[1], security_key="none"))
+key = shelf.chunk_keys(list(range(4)), namespace)[0]
+# 130 bytes declaring 33M tokens of cachegen payload: the old decoder allocated from this shape.
+prefix = _PREFIX.pack(b"KVSH", FORMAT_VERSION, CODECS["cachegen"].id, 3, 0, 2, 2, 33_000_000, 2, 4, 30)
+payload = bytes(30)
+blob = prefix + shelf.keyring.tag(key.digest, prefix, payload) + payload
+path = chunk_path(shelf.config.disk.path, key)
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_bytes(blob)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = shelf.load(list(range(4)), namespace, 4)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(loaded.num_tokens, shelf.stats()["tiers"]["disk"]["corrupt_chunks"], (after - before) // 1024)
+shelf.close()
+"""
+
+
+def test_decompression_bomb_is_refused_before_any_allocation(tmp_path):
+    """With authentication off the tag is computable, so the header is the attacker's: its shape is
+    checked against the namespace's layout before a codec sees it."""
+    child = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(tmp_path / "disk")],
+                           capture_output=True, text=True, check=True)
+    num_tokens, corrupt, grown_mib = map(int, child.stdout.split())
+    assert (num_tokens, corrupt) == (0, 1)
+    assert grown_mib < 64
+
+
+def _rewrite_header(path, **fields) -> None:
+    data = bytearray(path.read_bytes())
+    values = dict(zip(("magic", "version", "codec", "dtype", "flags"), _PREFIX.unpack_from(data)[:5]))
+    values.update(fields)
+    struct.pack_into("<4sBBBB", data, 0, *values.values())
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("change", [{"version": FORMAT_VERSION + 1}, {"codec": 200}, {"flags": 0x80}])
+def test_a_newer_kvshelfs_chunk_is_a_foreign_miss_left_alone(shelves, namespace, change):
+    """Rolling upgrades: an older instance must not delete what a newer one wrote."""
+    victim = shelves(security_key="none")  # unkeyed, so this test can re-tag what a newer version would write
+    _, keys = stored(victim, namespace)
+    path = chunk_path(victim.config.disk.path, keys[0])
+    _rewrite_header(path, **change)
+    data = bytearray(path.read_bytes())
+    tag_at = _PREFIX.size
+    data[tag_at : tag_at + 32] = victim.keyring.tag(keys[0].digest, bytes(data[:tag_at]), bytes(data[tag_at + 32 :]))
+    path.write_bytes(data)
+    reader = shelves(security_key="none")
+    assert reader.load(TOKENS, namespace, 16).num_tokens == 0
+    stats = reader.stats()["tiers"]["disk"]
+    assert (stats["foreign_chunks"], stats["corrupt_chunks"]) == (1, 0)
+    assert path.read_bytes() == data  # left alone
+
+
+def test_stores_never_hold_the_salt(shelves, namespace, redis_server):
+    tenant = Namespace(namespace.model_id, namespace.layout, cache_salt="acme-private-salt")
+    shelf = shelves(redis_url=redis_server.url)
+    stored(shelf, tenant)
+    root = shelf.config.disk.path
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert b"acme-private-salt" not in path.read_bytes(), path
+    client = redis.Redis.from_url(redis_server.url)
+    for name in client.scan_iter("*"):
+        assert b"acme-private-salt" not in client.get(name) + name
+    description = json.loads((root / tenant.id(shelf.keyring) / "namespace.json").read_text())
+    assert description["cache_salt_tag"] == shelf.keyring.salt_tag("acme-private-salt")
+    client.close()
+
+
+def test_encryption_at_rest_hides_the_kv_and_still_loads_exactly(shelves, namespace, redis_server):
+    shelf = shelves(security_encrypt=True, redis_url=redis_server.url)
+    kv, keys = stored(shelf, namespace)
+    plain = kv[:, :, :CHUNK_SIZE].contiguous().numpy().tobytes()
+    on_disk = chunk_path(shelf.config.disk.path, keys[0]).read_bytes()
+    client = redis.Redis.from_url(redis_server.url)
+    in_redis = client.get(f"kvshelf:{keys[0].namespace_id}:{keys[0].hex}")
+    client.close()
+    for blob in (on_disk, in_redis):
+        assert all(plain[i : i + 16] not in blob for i in range(0, len(plain), 16))
+    reader = shelves(security_encrypt=True, disk_path=None, redis_url=redis_server.url)
+    assert torch.equal(reader.load(TOKENS, namespace, 16).kv(), kv)
+    no_decrypt = shelves()  # the same key without encryption on: authentic, but it cannot open it
+    assert no_decrypt.load(TOKENS, namespace, 16).num_tokens == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
+def test_another_local_user_cannot_read_stored_kv(shelves, namespace):
+    """Layer-0 values map back to token ids, so stored KV is the prompt: other users must not read it."""
+    parent = Path(tempfile.mkdtemp(dir="/tmp"))
+    parent.chmod(0o755)  # a place every user may walk through, as /var/cache is
+    try:
+        shelf = shelves(disk_path=str(parent / "disk"))
+        _, keys = stored(shelf, namespace)
+        chunk = chunk_path(shelf.config.disk.path, keys[0])
+        attempt = subprocess.run(
+            [sys.executable, "-c", f"open({str(chunk)!r}, 'rb').read()"],
+            user="nobody", capture_output=True, text=True,
+        )
+        assert attempt.returncode != 0 and "PermissionError" in attempt.stderr
+        assert (chunk.stat().st_mode & 0o777, shelf.config.disk.path.stat().st_mode & 0o777) == (0o600, 0o700)
+    finally:
+        shutil.rmtree(parent)
+
+
+def test_a_full_disk_stops_writes_not_reads(shelves, namespace):
+    shelf = shelves(tier_backoff_s=600)
+    kv, _ = stored(shelf, namespace)
+    tmp_dir = shelf.config.disk.path / ".tmp"
+    shutil.rmtree(tmp_dir)
+    tmp_dir.write_bytes(b"")  # every write now fails
+    shelf.save(list(range(900, 916)), random_kv(16, seed=3), namespace)
+    shelf.flush()
+    stats = shelf.stats()["tiers"]["disk"]
+    assert stats["errors"] == 1
+    loaded = shelf.load(TOKENS, namespace, 16)  # memory holds 1 KiB: this reads the disk
+    assert torch.equal(loaded.kv(), kv) and shelf.stats()["tiers"]["disk"]["loaded_bytes"] > 0
