@@ -4,21 +4,31 @@ Later sources win: defaults < file < environment < keywords. Keys are dotted pat
 (`memory.size`); in the environment they are upper-cased with `_` for `.`
 (`KVSHELF_MEMORY_SIZE`). Every error names the key and says how to fix it.
 
-    chunk_size: 256
+    chunk_size: 256                  # tokens per chunk, 1..1048576
     writer_queue_size: 64
+    tier_backoff_s: 5                # seconds a failed tier rests, 0..86400
     memory: {size: 2GiB}
-    disk: {path: ~/.cache/kvshelf/disk, size: 20GiB, codec: raw}   # omit for no disk tier
-    redis: {url: "redis://:secret@host:6379/0", ttl_s: 86400}       # omit for no redis tier
+    disk: {path: ~/.cache/kvshelf/disk, size: 20GiB, codec: raw,     # omit for no disk tier
+           mode: private}           # or group: a directory shared by a unix group (0770)
+    redis: {url: "redis://host:6379/0", password: secret, ttl_s: 86400}   # omit for no redis tier
     pd: {receive_address: "tcp://0.0.0.0:5600", inbox_size: 2GiB}   # prefill/decode transfer
     lookup_address: "tcp://0.0.0.0:5700"                             # for a KV-aware router
+    security:
+      key_file: /etc/kvshelf/secret.key   # or key: <32+ random characters> (KVSHELF_SECURITY_KEY),
+                                          # or key: none (no authentication); default
+                                          # $KVSHELF_HOME/secret.key, created on first use
+      encrypt: false                      # true: encrypt chunks at rest on disk and in Redis
+
+Numbers must be finite and in range; true/false is never taken for a number.
 """
 
+import math
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,12 @@ _SIZE_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+KEY_NONE = "none"  # security.key: none turns authentication off
+MIN_KEY_CHARS = 32
+KEY_FILE_NAME = "secret.key"
+# disk.mode -> the mode of the directories kvshelf creates for disk.path.
+DISK_DIRECTORY_MODES = {"private": 0o700, "group": 0o770}
+Parser = Callable[[str, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ class DiskConfig:
     size_bytes: int = 20 * 2**30
     codec: str = "raw"  # or "auto": see codec_budget_ms
     codec_budget_ms: float = 100.0  # with codec auto: the load time per chunk to stay within
+    mode: str = "private"  # or "group": the directory is shared by the owner's unix group
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,7 @@ class RedisConfig:
     urls: tuple[str, ...]  # redis:// or rediss:// (TLS); user and password may be in the URL
     cluster: bool = False
     username: str | None = None  # override the URL's; the password is best kept out of the URL
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never printed
     codec: str = "raw"
     codec_budget_ms: float = 100.0
     ttl_s: float | None = None  # expiry of each chunk, refreshed by every read; None: Redis's eviction only
@@ -89,6 +106,48 @@ class PDConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """The deployment secret that authenticates chunks and messages: exactly one of `key` (the
+    secret itself), `key_file` (a file holding it, created by kvshelf.security on first use) or
+    `disabled` (security.key: none, no authentication)."""
+
+    key: str | None = field(default=None, repr=False)  # never printed: repr=False, and no message quotes it
+    key_file: Path | None = None
+    disabled: bool = False
+    encrypt: bool = False  # encrypt chunks at rest in the disk and redis tiers
+
+    def __post_init__(self) -> None:
+        num_sources = (self.key is not None) + (self.key_file is not None) + self.disabled
+        if num_sources == 0:
+            raise ConfigError("SecurityConfig needs one of key, key_file, or disabled=True (security.key: none)")
+        if num_sources > 1:
+            raise ConfigError(
+                "security.key and security.key_file are both set (KVSHELF_SECURITY_KEY counts as security.key); "
+                "set only one: the secret itself, the file that holds it, or security.key: none"
+            )
+        if self.key is not None and len(self.key) < MIN_KEY_CHARS:
+            raise ConfigError(
+                f"security.key is shorter than {MIN_KEY_CHARS} characters; use at least {MIN_KEY_CHARS} random "
+                "characters (e.g. `openssl rand -hex 32`), or set security.key_file to a file holding the secret"
+            )
+        if self.encrypt and self.disabled:
+            raise ConfigError(
+                "security.encrypt: true needs a secret but security.key is none; remove security.key: none "
+                f"(a key file is then created under KVSHELF_HOME), or set security.encrypt: false"
+            )
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """$KVSHELF_HOME, or ~/.cache/kvshelf (as kvshelf.models.default_home)."""
+    return Path(environ.get("KVSHELF_HOME") or Path.home() / ".cache" / "kvshelf")
+
+
+def _default_security() -> SecurityConfig:
+    # A ShelfConfig built in code, not by load_config, is secured by the same default key file.
+    return SecurityConfig(key_file=default_home(os.environ) / KEY_FILE_NAME)
+
+
+@dataclass(frozen=True)
 class ShelfConfig:
     chunk_size: int = 256
     writer_queue_size: int = 64
@@ -99,6 +158,7 @@ class ShelfConfig:
     pd: PDConfig = PDConfig()
     # Where a KV-aware router asks how much of a prompt this instance holds (tcp://host:port).
     lookup_address: str | None = None
+    security: SecurityConfig = field(default_factory=_default_security)
 
 
 def load_config(
@@ -115,7 +175,7 @@ def load_config(
         values.update(_read_file(Path(path)))
     values.update(_read_env(environ))
     values.update(_read_overrides(overrides))
-    return _build(values)
+    return _build(values, default_home(environ))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -126,7 +186,8 @@ def _read_file(path: Path) -> dict[str, Any]:
             f"cannot read config file {path}: {exc.strerror}; check the path ({CONFIG_FILE_ENV})"
         ) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        # Not `str(exc)` nor chained: PyYAML quotes the offending line, which may hold security.key.
+        raise ConfigError(f"config file {path} is not valid YAML{_yaml_error_place(exc)}; fix the file") from None
     if not isinstance(document, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, like `chunk_size: 256`")
     flat: dict[str, Any] = {}
@@ -138,6 +199,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         else:
             flat[str(key)] = value
     return _known(flat, f"in {path}")
+
+
+def _yaml_error_place(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else ""
 
 
 def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -167,39 +234,56 @@ def _known(values: dict[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
-def _build(values: dict[str, Any]) -> ShelfConfig:
+def _build(values: dict[str, Any], home: Path) -> ShelfConfig:
     parsed = {key: KEYS[key](key, value) for key, value in values.items() if value is not None}
     memory = MemoryConfig(**({"size_bytes": parsed["memory.size"]} if "memory.size" in parsed else {}))
     _check_fits_ram(memory.size_bytes)
-    disk = None
-    if "disk.path" in parsed:
-        disk_fields = {"size_bytes": parsed.get("disk.size"), "codec": parsed.get("disk.codec"),
-                       "codec_budget_ms": parsed.get("disk.codec_budget_ms")}
-        disk = DiskConfig(parsed["disk.path"], **{k: v for k, v in disk_fields.items() if v is not None})
-        _check_writable(disk.path)
-        _check_fits_disk(disk)
-    else:
-        _check_section_enabled(parsed, "disk", "path")
-    redis = None
-    if "redis.url" in parsed:
-        redis_fields = {name: parsed[f"redis.{name}"] for name in _REDIS_FIELDS if f"redis.{name}" in parsed}
-        redis = RedisConfig(parsed["redis.url"], **redis_fields)
-        if len(redis.urls) > 1 and not redis.cluster:
-            raise ConfigError(
-                f"redis.url lists {len(redis.urls)} URLs; several URLs are the seed nodes of a Redis Cluster: "
-                "set redis.cluster: true, or give one URL"
-            )
-    else:
-        _check_section_enabled(parsed, "redis", "url")
     for section in ("disk", "redis"):
         if f"{section}.codec_budget_ms" in parsed and parsed.get(f"{section}.codec") != "auto":
             raise ConfigError(f"{section}.codec_budget_ms only applies to {section}.codec: auto; set both or neither")
     pd_names = {"receive_address": "receive_address", "inbox_size": "inbox_size_bytes",
                 "inbox_ttl_s": "inbox_ttl_s", "push_to": "push_to", "push_timeout_s": "push_timeout_s"}
-    pd = PDConfig(**{field: parsed[f"pd.{key}"] for key, field in pd_names.items() if f"pd.{key}" in parsed})
+    pd = PDConfig(**{name: parsed[f"pd.{key}"] for key, name in pd_names.items() if f"pd.{key}" in parsed})
     top_keys = ("chunk_size", "writer_queue_size", "tier_backoff_s", "lookup_address")
     top = {key: parsed[key] for key in top_keys if key in parsed}
-    return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, **top)
+    redis, security = _redis(parsed), _security(parsed, home)
+    disk = _disk(parsed)  # last: it creates disk.path, which a refused config should not leave behind
+    return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, security=security, **top)
+
+
+def _disk(parsed: dict[str, Any]) -> DiskConfig | None:
+    if "disk.path" not in parsed:
+        _check_section_enabled(parsed, "disk", "path")
+        return None
+    disk_fields = {"size_bytes": parsed.get("disk.size"), "codec": parsed.get("disk.codec"),
+                   "codec_budget_ms": parsed.get("disk.codec_budget_ms"), "mode": parsed.get("disk.mode")}
+    disk = DiskConfig(parsed["disk.path"], **{k: v for k, v in disk_fields.items() if v is not None})
+    _check_writable(disk.path, disk.mode)
+    _check_fits_disk(disk)
+    return disk
+
+
+def _redis(parsed: dict[str, Any]) -> RedisConfig | None:
+    if "redis.url" not in parsed:
+        _check_section_enabled(parsed, "redis", "url")
+        return None
+    redis_fields = {name: parsed[f"redis.{name}"] for name in _REDIS_FIELDS if f"redis.{name}" in parsed}
+    redis = RedisConfig(parsed["redis.url"], **redis_fields)
+    if len(redis.urls) > 1 and not redis.cluster:
+        raise ConfigError(
+            f"redis.url lists {len(redis.urls)} URLs; several URLs are the seed nodes of a Redis Cluster: "
+            "set redis.cluster: true, or give one URL"
+        )
+    return redis
+
+
+def _security(parsed: dict[str, Any], home: Path) -> SecurityConfig:
+    key, key_file = parsed.get("security.key"), parsed.get("security.key_file")
+    disabled = key == KEY_NONE
+    if key is None and key_file is None:
+        key_file = home / KEY_FILE_NAME  # created by kvshelf.security on first use, not here
+    return SecurityConfig(key=None if disabled else key, key_file=key_file, disabled=disabled,
+                          encrypt=parsed.get("security.encrypt", False))
 
 
 def _check_section_enabled(parsed: dict[str, Any], section: str, enabling_key: str) -> None:
@@ -213,49 +297,85 @@ def _check_section_enabled(parsed: dict[str, Any], section: str, enabling_key: s
         )
 
 
-def _positive_int(key: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a whole number, got {value!r}") from None
-    if number <= 0 or number != float(value):
-        raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+def _finite_number(key: str, value: Any, expected: str) -> float:
+    """A finite number from YAML or from an environment string like '5'. YAML reads `yes` and
+    `true` as booleans, and a boolean is never taken for 1."""
+    number = math.nan
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            pass
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
     return number
 
 
-def _non_negative_float(key: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number of seconds, got {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"{key} must not be negative, got {value!r}")
-    return number
+def _whole_number(unit: str, low: int, high: int) -> Parser:
+    expected = f"a whole number of {unit} between {low} and {high}"
+
+    def parse(key: str, value: Any) -> int:
+        number = _finite_number(key, value, expected)
+        if not number.is_integer() or not low <= number <= high:
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+        return int(number)
+
+    return parse
+
+
+def _number(unit: str, low: float, high: float = math.inf, *, low_allowed: bool = True, why: str = "") -> Parser:
+    """A parser of finite numbers from `low` (or above it) to `high`; `why` explains the bound."""
+    expected = f"a finite number of {unit}{_range_words(low, high, low_allowed)}{why}"
+
+    def parse(key: str, value: Any) -> float:
+        number = _finite_number(key, value, expected)
+        if number < low or number > high or (number == low and not low_allowed):
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _range_words(low: float, high: float, low_allowed: bool) -> str:
+    if high == math.inf:
+        return f", at least {low:g}" if low_allowed else f", larger than {low:g}"
+    if low_allowed:
+        return f" between {low:g} and {high:g}"
+    return f", larger than {low:g} and at most {high:g}"
 
 
 def _size(key: str, value: Any) -> int:
     """Bytes from 1073741824, '1GiB', '512 MB', '1.5gb'."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS or isinstance(value, bool):
-        raise ConfigError(f"{key} must be a size like 512MiB or 2GB or a number of bytes, got {value!r}")
-    size_bytes = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+    size_bytes: int | float = 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        size_bytes = value
+    elif isinstance(value, float):
+        size_bytes = value
+    elif match and match.group(2).lower() in _SIZE_UNITS:
+        # A long digit string overflows to inf: refused below, never int(inf).
+        size_bytes = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if isinstance(size_bytes, float):
+        size_bytes = int(size_bytes) if math.isfinite(size_bytes) else 0
     if size_bytes <= 0:
-        raise ConfigError(f"{key} must be larger than zero, got {value!r}")
+        raise ConfigError(
+            f"{key} must be a finite size larger than zero, like 512MiB or 2GB or a number of bytes, got {value!r}"
+        )
     return size_bytes
 
 
 def _path(key: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{key} must be a directory path, got {value!r}")
     if not str(value).strip():
         raise ConfigError(f"{key} must be a directory path, got an empty string")
     return Path(str(value)).expanduser()
 
 
-def _positive_float(key: str, value: Any) -> float:
-    number = _non_negative_float(key, value)
-    if number == 0:
-        raise ConfigError(f"{key} must be larger than zero, got {value!r}")
-    return number
+def _file_path(key: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"{key} must be the path of a file, got {value!r}")
+    return Path(value).expanduser()
 
 
 def _boolean(key: str, value: Any) -> bool:
@@ -268,9 +388,36 @@ def _boolean(key: str, value: Any) -> bool:
 
 
 def _text(key: str, value: Any) -> str:
-    if not isinstance(value, (str, int)) or not str(value):
-        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    # A YAML `yes` is True, not the text "True": ask for quotes rather than guess.
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value):
+        raise ConfigError(f"{key} must be a non-empty string (quote it in YAML), got {value!r}")
     return str(value)
+
+
+def _secret_text(key: str, value: Any) -> str:
+    """A string only (YAML reads 0123 as the number 83) and the message never quotes the value."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string (quote it in YAML), got a {type(value).__name__}")
+    return value
+
+
+def _security_key(key: str, value: Any) -> str:
+    """The secret, or 'none'; its length is checked by SecurityConfig."""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{key} must be a string of at least {MIN_KEY_CHARS} random characters (quote it in YAML) "
+            f"or none, got a {type(value).__name__}"
+        )
+    return KEY_NONE if value.strip().lower() == KEY_NONE else value
+
+
+def _disk_mode(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value not in DISK_DIRECTORY_MODES:
+        raise ConfigError(
+            f"{key} must be 'private' (only this user reads the cache) or 'group' (the directory's unix group "
+            f"shares it), got {value!r}"
+        )
+    return value
 
 
 def _redis_urls(key: str, value: Any) -> tuple[str, ...]:
@@ -278,8 +425,9 @@ def _redis_urls(key: str, value: Any) -> tuple[str, ...]:
     urls = [str(url).strip() for url in (value if isinstance(value, list) else str(value).split(","))]
     for url in urls:
         if not url.startswith(("redis://", "rediss://")):
+            shown = re.sub(r"//[^/@]*@", "//***@", url)  # the URL may hold a password
             raise ConfigError(
-                f"{key} must be redis://[user:password@]host:port[/db] or rediss://... (TLS), got {url!r}"
+                f"{key} must be redis://[user:password@]host:port[/db] or rediss://... (TLS), got {shown!r}"
             )
     return tuple(urls)
 
@@ -308,7 +456,7 @@ def _zmq_address(key: str, value: Any) -> str:
 
 
 def _codec(key: str, value: Any) -> str:
-    if value not in CODECS and value != "auto":
+    if not isinstance(value, str) or (value not in CODECS and value != "auto"):
         raise ConfigError(f"{key} must be auto or one of {sorted(CODECS)}, got {value!r}")
     return value
 
@@ -322,9 +470,9 @@ def _check_fits_ram(size_bytes: int) -> None:
         )
 
 
-def _check_writable(path: Path) -> None:
+def _check_writable(path: Path, mode: str) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        _make_directories(path, DISK_DIRECTORY_MODES[mode])
         probe = path / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -332,6 +480,25 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(
             f"disk.path {path} is not a writable directory ({exc.strerror}); choose another disk.path"
         ) from exc
+
+
+def _make_directories(path: Path, mode: int) -> None:
+    """Create `path` and its missing parents so that a fresh cache is never world-readable.
+
+    Parents get the same mode less group write: the group may pass through, only the owner may
+    rename what lies inside. Existing directories are left as they are."""
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        directory_mode = mode if directory == path else mode & 0o750
+        try:
+            directory.mkdir(directory_mode)
+        except FileExistsError:
+            continue  # made meanwhile by another process: not ours to change
+        os.chmod(directory, directory_mode)  # mkdir's mode is cut by the umask (0770 -> 0750 under 022)
 
 
 def _check_fits_disk(disk: DiskConfig) -> None:
@@ -344,31 +511,39 @@ def _check_fits_disk(disk: DiskConfig) -> None:
 
 
 # Every key, with its parser; a section's keys are `section.key`.
-KEYS = {
-    "chunk_size": _positive_int,
-    "writer_queue_size": _positive_int,
-    "tier_backoff_s": _non_negative_float,
+_TIMEOUT = _number("seconds", 0, 3600, low_allowed=False)
+_CODEC_BUDGET = _number("milliseconds", 0, low_allowed=False)
+KEYS: dict[str, Parser] = {
+    "chunk_size": _whole_number("tokens", 1, 1_048_576),
+    "writer_queue_size": _whole_number("chunks", 1, 1_000_000),
+    "tier_backoff_s": _number("seconds", 0, 86400),
     "memory.size": _size,
     "disk.path": _path,
     "disk.size": _size,
     "disk.codec": _codec,
-    "disk.codec_budget_ms": _positive_float,
+    "disk.codec_budget_ms": _CODEC_BUDGET,
+    "disk.mode": _disk_mode,
     "redis.url": _redis_urls,
     "redis.cluster": _boolean,
     "redis.username": _text,
-    "redis.password": _text,
+    "redis.password": _secret_text,
     "redis.codec": _codec,
-    "redis.codec_budget_ms": _positive_float,
-    "redis.ttl_s": _positive_float,
-    "redis.connect_timeout_s": _positive_float,
-    "redis.timeout_s": _positive_float,
+    "redis.codec_budget_ms": _CODEC_BUDGET,
+    # Redis expires keys by the millisecond; under a second chunks would expire before they are read.
+    "redis.ttl_s": _number("seconds", 1, why=" (a shorter expiry drops chunks before they are read; "
+                                             "leave it unset for Redis's own eviction)"),
+    "redis.connect_timeout_s": _TIMEOUT,
+    "redis.timeout_s": _TIMEOUT,
     "redis.on_start_failure": _on_start_failure,
     "redis.key_prefix": _key_prefix,
     "pd.receive_address": _zmq_address,
     "pd.inbox_size": _size,
-    "pd.inbox_ttl_s": _positive_float,
+    "pd.inbox_ttl_s": _number("seconds", 0, low_allowed=False),
     "pd.push_to": _zmq_address,
-    "pd.push_timeout_s": _positive_float,
+    "pd.push_timeout_s": _TIMEOUT,
     "lookup_address": _zmq_address,
+    "security.key": _security_key,
+    "security.key_file": _file_path,
+    "security.encrypt": _boolean,
 }
 _REDIS_FIELDS = [key.removeprefix("redis.") for key in KEYS if key.startswith("redis.") and key != "redis.url"]
