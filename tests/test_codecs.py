@@ -5,12 +5,33 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshelf.codecs import CODECS, CODECS_BY_ID, frame, get_codec, unframe
-from kvshelf.codecs.framing import HEADER_BYTES
-from kvshelf.errors import CorruptChunk, UnknownCodec
+from kvshelf.codecs import CODECS, CODECS_BY_ID, get_codec
+from kvshelf.codecs import frame as frame_keyed
+from kvshelf.codecs import unframe as unframe_keyed
+from kvshelf.codecs.framing import HEADER_BYTES, Expected
+from kvshelf.errors import CorruptChunk, ForeignChunk, UnknownCodec
+from kvshelf.layout import DTYPE_NAMES, KVLayout
+from kvshelf.security import Keyring
 
 KEY = bytes(range(32))
 RAW = get_codec("raw")
+# Checksummed, not keyed: what a payload meets with `security.key: none`, where anyone can write one.
+KEYRING = Keyring(None)
+
+
+def frame(kv: torch.Tensor, key_digest: bytes, codec) -> bytes:
+    return frame_keyed(kv, key_digest, codec, KEYRING)
+
+
+def unframe(blob, key_digest: bytes, codecs, shape: tuple[int, ...] = (2, 2, 3, 3, 4), dtype=torch.float32):
+    """`blob` unframed as a chunk of `shape` and `dtype` (the namespace's layout and token count)."""
+    layers, _, num_tokens, kv_heads, head_dim = shape
+    expected = Expected(KVLayout(layers, kv_heads, head_dim, DTYPE_NAMES[dtype]), num_tokens)
+    return unframe_keyed(blob, key_digest, KEYRING, codecs, expected)
+
+
+def unframe_as(blob, kv: torch.Tensor) -> torch.Tensor:
+    return unframe(blob, KEY, CODECS_BY_ID, tuple(kv.shape), kv.dtype)
 
 
 def kv_of(dtype: torch.dtype, num_tokens: int = 3) -> torch.Tensor:
@@ -21,7 +42,7 @@ def kv_of(dtype: torch.dtype, num_tokens: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("num_tokens", [1, 3, 256])
 def test_raw_round_trip_is_exact(dtype, num_tokens):
     kv = kv_of(dtype, num_tokens)
-    decoded = unframe(frame(kv, KEY, RAW), KEY, CODECS_BY_ID)
+    decoded = unframe_as(frame(kv, KEY, RAW), kv)
     assert decoded.dtype == dtype and decoded.shape == kv.shape
     assert torch.equal(decoded.view(torch.uint8), kv.view(torch.uint8))
 
@@ -35,7 +56,7 @@ def test_decoding_a_writable_buffer_shares_it():
 
 def test_non_contiguous_input_is_stored_in_logical_order():
     kv = kv_of(torch.float32).transpose(3, 4).contiguous().transpose(3, 4)
-    assert torch.equal(unframe(frame(kv, KEY, RAW), KEY, CODECS_BY_ID), kv)
+    assert torch.equal(unframe_as(frame(kv, KEY, RAW), kv), kv)
 
 
 BLOB = frame(kv_of(torch.float32), KEY, RAW)
@@ -91,7 +112,7 @@ CAST_EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7
 def test_lossy_round_trip_within_the_stated_bound(name, dtype, num_tokens):
     codec = get_codec(name)
     kv = (torch.randn(2, 2, num_tokens, 3, 64) * torch.logspace(-2, 2, 64)).to(dtype)  # outlier channels too
-    decoded = unframe(frame(kv, KEY, codec), KEY, CODECS_BY_ID)
+    decoded = unframe_as(frame(kv, KEY, codec), kv)
     assert decoded.dtype == dtype and decoded.shape == kv.shape
     bound = codec.error_bound(kv)
     error = (decoded.float() - kv.float()).abs()
@@ -102,7 +123,7 @@ def test_lossy_round_trip_within_the_stated_bound(name, dtype, num_tokens):
 def test_constant_and_zero_chunks_round_trip(name):
     codec = get_codec(name)
     for kv in (torch.zeros(2, 2, 4, 3, 64), torch.full((2, 2, 4, 3, 64), -1.5)):
-        decoded = unframe(frame(kv, KEY, codec), KEY, CODECS_BY_ID)
+        decoded = unframe_as(frame(kv, KEY, codec), kv)
         assert decoded.isfinite().all() and ((decoded - kv).abs() <= codec.error_bound(kv) + 1e-6).all()
 
 
@@ -123,37 +144,63 @@ class _Verbatim(type(RAW)):
         return self.payload
 
 
-@settings(max_examples=400, deadline=None)
-@given(
-    st.sampled_from(LOSSY),
-    st.tuples(st.integers(1, 3), st.just(2), st.integers(1, 40), st.integers(1, 3), st.integers(1, 66)),
-    st.binary(max_size=4096),
-)
-def test_arbitrary_payloads_decode_or_raise_corrupt_chunk(name, shape, payload):
-    blob = frame(torch.zeros(shape), KEY, _Verbatim(get_codec(name).id, payload))
+def decode_or_refuse(name: str, payload: bytes, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor | None:
+    """The codec id's decoder on `payload`, as a load runs it: a tensor of exactly `shape` and
+    `dtype`, or None where it raised CorruptChunk. Anything else it raises fails the test: a
+    codec refuses hostile bytes itself, with no help from framing's catch-all."""
     try:
-        decoded = unframe(blob, KEY, CODECS_BY_ID)
+        decoded = CODECS_BY_ID[get_codec(name).id].decode(memoryview(payload), shape, dtype)
     except CorruptChunk:
-        return
-    assert decoded.shape == shape
+        return None
+    assert decoded.shape == shape and decoded.dtype == dtype
+    return decoded
+
+
+SHAPES = st.tuples(st.integers(1, 3), st.just(2), st.integers(1, 40), st.integers(1, 3), st.integers(1, 66))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(CODECS)), SHAPES, st.binary(max_size=4096))
+def test_arbitrary_payloads_decode_or_raise_corrupt_chunk(name, shape, payload):
+    decode_or_refuse(name, payload, shape)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(LOSSY), st.integers(1, 40), st.data())
+@given(st.sampled_from(sorted(CODECS)), st.integers(1, 40), st.data())
 def test_truncated_payloads_raise_corrupt_chunk(name, num_tokens, data):
-    codec = get_codec(name)
     kv = torch.randn(2, 2, num_tokens, 3, 64, generator=torch.Generator().manual_seed(num_tokens))
-    payload = bytes(codec.encode(kv))
+    payload = bytes(get_codec(name).encode(kv))
     cut = data.draw(st.integers(0, len(payload) - 1))
+    assert decode_or_refuse(name, payload[:cut], tuple(kv.shape)) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(LOSSY), st.integers(2, 40), st.data())
+def test_damaged_payloads_decode_or_raise_corrupt_chunk(name, num_tokens, data):
+    """Bytes changed inside a well-formed payload reach what random bytes rarely do: tables,
+    counts and the compressed stream, past the checks of a payload's first bytes."""
+    kv = torch.randn(2, 2, num_tokens, 3, 8, generator=torch.Generator().manual_seed(num_tokens))
+    payload = bytearray(get_codec(name).encode(kv))
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(payload) - 1))
+        payload[position] ^= data.draw(st.integers(1, 255))
+    decode_or_refuse(name, bytes(payload), tuple(kv.shape))
+
+
+def test_a_framed_payload_that_does_not_decode_is_a_corrupt_chunk():
+    kv = torch.randn(2, 2, 5, 3, 8)
+    blob = frame(kv, KEY, _Verbatim(get_codec("cachegen").id, bytes(get_codec("cachegen").encode(kv))[:-3]))
     with pytest.raises(CorruptChunk):
-        unframe(frame(kv, KEY, _Verbatim(codec.id, payload[:cut])), KEY, CODECS_BY_ID)
+        unframe_as(blob, kv)
 
 
 def test_cachegen_refuses_its_older_formats_cleanly():
     """Chunks of payload version 1 (anchor/delta groups) are a clean miss, so the shelf drops and recomputes them."""
     stored = torch.load(Path(__file__).parent / "data" / "cachegen-v1.pt")
-    with pytest.raises(CorruptChunk, match="version 1; this kvshelf reads version 3"):
-        unframe(frame(torch.zeros(stored["shape"]), KEY, _Verbatim(5, stored["payload"])), KEY, CODECS_BY_ID)
+    kv = torch.zeros(stored["shape"])
+    with pytest.raises(CorruptChunk, match="version 1; this kvshelf reads version 3") as caught:
+        unframe_as(frame(kv, KEY, _Verbatim(5, stored["payload"])), kv)
+    assert not isinstance(caught.value, ForeignChunk)  # deleted: no kvshelf reads version 1 any more
 
 
 def test_cachegen_keeps_a_chunks_first_token_nearly_exact():

@@ -4,6 +4,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from kvshelf.errors import CorruptChunk
+
 
 class Codec(ABC):
     """Turns one chunk's KV into bytes and back.
@@ -23,8 +25,26 @@ class Codec(ABC):
 
     @abstractmethod
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The tensor of `shape` and `dtype` encoded in `payload`; raises CorruptChunk if it can't be."""
+        """The tensor of `shape` and `dtype` encoded in `payload`; raises CorruptChunk if it can't be.
+
+        `shape` has been checked against the namespace's layout (see framing.Expected); the
+        payload has not: every size it declares is checked against `shape` and against the
+        payload's length before anything is allocated from it.
+        """
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
         """Elementwise bound on |decode(encode(kv)) - kv| (computed in float32, before casting back)."""
         return torch.zeros(())
+
+
+def check_chunk_shape(codec: Codec, shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    """`shape` as (layers, 2, tokens, kv_heads, head_dim); CorruptChunk if it is not one."""
+    if len(shape) != 5 or shape[1] != 2 or any(size < 0 for size in shape):
+        raise CorruptChunk(f"{codec.name} decodes chunks (layers, 2, tokens, kv_heads, head_dim), not {shape}")
+    return shape
+
+
+def check_payload_bytes(codec: Codec, payload: memoryview, expected_bytes: int, shape: tuple[int, ...]) -> None:
+    """A payload must be exactly as long as its shape (and parameters) need: refused before any allocation."""
+    if len(payload) != expected_bytes:
+        raise CorruptChunk(f"{codec.name} payload holds {len(payload)} bytes, shape {shape} needs {expected_bytes}")

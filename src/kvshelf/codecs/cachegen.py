@@ -37,6 +37,11 @@ Measured on the bundled model (SmolLM2-135M, 8 windows of real prose, 512-token 
 
 The error bound is half a step per element (float16 rounding for the first token): steps and
 means are products of stored numbers, so decoding repeats the encoder's arithmetic.
+
+Decoding trusts only the chunk's shape (checked against the namespace's layout before any codec
+runs): the payload must be at least as long as the shape's fixed parts, each table's counts must
+add up to its stream's symbols, and its levels must fit the payload and int32, all before the
+output is allocated. A payload version newer than this one's is ForeignChunk (left in the store).
 """
 
 import math
@@ -46,11 +51,13 @@ import constriction
 import numpy as np
 import torch
 
-from kvshelf.codecs.base import Codec
-from kvshelf.errors import CorruptChunk
+from kvshelf.codecs.base import Codec, check_chunk_shape
+from kvshelf.errors import CorruptChunk, ForeignChunk
 
 _HEADER = struct.Struct("<BBHff")  # version, bytes per mean code (1 or 2), reserved, key step, value step
-_TABLE = struct.Struct("<iI")  # lowest symbol, number of symbols
+_TABLE = struct.Struct("<iI")  # lowest symbol, number of levels (then a uint32 count per level)
+_NUM_WORDS = struct.Struct("<I")  # the compressed stream's length in 32-bit words
+_INT32_MAX = 2**31 - 1
 _VERSION = 3  # 3: per-head steps and channel means (1 and 2, anchor/delta groups, are no longer read)
 _MEAN_RESOLUTION = 2  # channel means are stored in half steps
 _MAX_SYMBOLS = 1 << 16
@@ -95,20 +102,21 @@ class CachegenCodec(Codec):
         for stream in reversed(streams):
             stream.push(encoder)
         compressed = encoder.get_compressed()
-        parts += [struct.pack("<I", len(compressed)), compressed.tobytes()]
+        parts += [_NUM_WORDS.pack(len(compressed)), compressed.tobytes()]
         return b"".join(parts)
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if len(shape) != 5 or len(payload) < _HEADER.size:
-            raise CorruptChunk(f"cachegen payload of {len(payload)} bytes cannot hold shape {shape}")
-        layers, _, tokens, heads, dim = shape
+        layers, _, tokens, heads, dim = check_chunk_shape(self, shape)
+        if len(payload) < _min_payload_bytes(shape):
+            raise CorruptChunk(f"cachegen payload of {len(payload)} bytes cannot hold shape {shape} "
+                               f"(its fixed parts alone take {_min_payload_bytes(shape)})")
         first, steps, means, offset = self._read_header(payload, shape)
+        symbols_per_stream = max(tokens - 1, 0) * heads * dim
         tables = []
         for _ in range(layers * 2):
-            table, offset = _read_table(payload, offset)
+            table, offset = _read_table(payload, offset, symbols_per_stream)
             tables.append(table)
-        words, offset = _read_words(payload, offset)
-        decoder = constriction.stream.stack.AnsCoder(words)
+        decoder = _ans_decoder(payload, offset)
         codes = np.empty((layers, 2, max(tokens - 1, 0), heads * dim), dtype=np.int32)
         for index, table in enumerate(tables):
             _decode_stream(decoder, table, codes[divmod(index, 2)].reshape(-1))
@@ -121,6 +129,9 @@ class CachegenCodec(Codec):
     def _read_header(self, payload: memoryview, shape: tuple[int, ...]):
         """The kept first token, each channel's step and mean, and where the tables begin."""
         version, width, _, key_step, value_step = _HEADER.unpack_from(payload)
+        if version > _VERSION:
+            raise ForeignChunk(f"cachegen payload version {version}; this kvshelf reads version {_VERSION} "
+                               "(a newer kvshelf wrote it)")
         if version != _VERSION:
             raise CorruptChunk(f"cachegen payload version {version}; this kvshelf reads version {_VERSION} "
                                "(a chunk from an older kvshelf is dropped and recomputed)")
@@ -135,6 +146,8 @@ class CachegenCodec(Codec):
         if not (scales.isfinite().all() and (scales > 0).all()):
             raise CorruptChunk("cachegen payload holds a scale that is not a positive number")
         steps = _steps(key_step, value_step, scales, dim)
+        if not steps.isfinite().all():
+            raise CorruptChunk("cachegen payload's scales and steps multiply to a step that is not finite")
         mean_bytes, offset = _take(payload, offset, layers * 2 * channels * width)
         mean_codes = torch.from_numpy(mean_bytes.copy().view(np.int8 if width == 1 else np.int16))
         means = mean_codes.to(torch.float32).view(layers, 2, channels) * steps / _MEAN_RESOLUTION
@@ -167,13 +180,27 @@ def _steps(key_step: float, value_step: float, scales: torch.Tensor, dim: int) -
     return (scales * kind_steps).repeat_interleave(dim, dim=2)
 
 
-def _read_words(payload: memoryview, offset: int) -> tuple[np.ndarray, int]:
-    if offset + 4 > len(payload):
+def _min_payload_bytes(shape: tuple[int, ...]) -> int:
+    """The bytes every payload of `shape` holds whatever its symbols: header, first token, scales,
+    one-byte means, a table header per stream and the compressed stream's length."""
+    layers, _, tokens, heads, dim = shape
+    streams, channels = layers * 2, heads * dim
+    first_token_bytes = streams * min(tokens, 1) * channels * 2
+    return _HEADER.size + first_token_bytes + streams * (heads * 4 + channels + _TABLE.size) + _NUM_WORDS.size
+
+
+def _ans_decoder(payload: memoryview, offset: int):
+    """constriction's decoder over the compressed stream at `offset`, which must end the payload."""
+    if offset + _NUM_WORDS.size > len(payload):
         raise CorruptChunk("cachegen payload ends before its compressed stream")
-    (num_words,) = struct.unpack_from("<I", payload, offset)
-    if offset + 4 + num_words * 4 != len(payload):
+    (num_words,) = _NUM_WORDS.unpack_from(payload, offset)
+    offset += _NUM_WORDS.size
+    if offset + num_words * 4 != len(payload):
         raise CorruptChunk("cachegen payload's compressed stream does not end where the payload does")
-    return np.frombuffer(payload, dtype=np.uint32, count=num_words, offset=offset + 4).copy(), len(payload)
+    words = np.frombuffer(payload, dtype=np.uint32, count=num_words, offset=offset).copy()
+    if num_words and words[-1] == 0:  # ANS never ends in a zero word; constriction refuses one
+        raise CorruptChunk("cachegen payload's compressed stream ends in a zero word")
+    return constriction.stream.stack.AnsCoder(words)
 
 
 def _take(payload: memoryview, offset: int, count: int) -> tuple[np.ndarray, int]:
@@ -225,28 +252,39 @@ class _Stream:
         encoder.encode_reverse(symbols, _model(self.counts, paired))
 
 
-def _read_table(payload: memoryview, offset: int) -> tuple[tuple[int, np.ndarray], int]:
+def _read_table(payload: memoryview, offset: int, num_symbols: int) -> tuple[tuple[int, np.ndarray], int]:
+    """The table of a stream of `num_symbols` symbols: its lowest symbol and a count per level, as
+    the encoder writes it (counts adding up to num_symbols, the first and last level used)."""
     if offset + _TABLE.size > len(payload):
         raise CorruptChunk("cachegen payload ends inside a table")
-    lowest, num_symbols = _TABLE.unpack_from(payload, offset)
+    lowest, num_levels = _TABLE.unpack_from(payload, offset)
     offset += _TABLE.size
-    if num_symbols > _MAX_SYMBOLS or offset + num_symbols * 4 > len(payload):
-        raise CorruptChunk(f"cachegen table of {num_symbols} symbols does not fit the payload")
-    counts = np.frombuffer(payload, dtype=np.uint32, count=num_symbols, offset=offset)
-    return (lowest, counts), offset + num_symbols * 4
+    if num_levels > _MAX_SYMBOLS or offset + num_levels * 4 > len(payload):
+        raise CorruptChunk(f"cachegen table of {num_levels} levels does not fit the payload")
+    if num_levels and lowest + num_levels - 1 > _INT32_MAX:
+        raise CorruptChunk(f"cachegen table's levels {lowest} + {num_levels} overflow int32")
+    counts = np.frombuffer(payload, dtype=np.uint32, count=num_levels, offset=offset)
+    num_counted = int(counts.sum(dtype=np.uint64))
+    if num_counted != num_symbols:
+        raise CorruptChunk(f"cachegen table counts {num_counted} symbols, the shape needs {num_symbols}")
+    if num_levels and (counts[0] == 0 or counts[-1] == 0):
+        raise CorruptChunk("cachegen table has an unused lowest or highest level")
+    return (lowest, counts), offset + num_levels * 4
 
 
 def _decode_stream(decoder, table: tuple[int, np.ndarray], out: np.ndarray) -> None:
-    """Decode one stream's symbols into `out` (int32, as many as the shape needs)."""
+    """Decode one stream's symbols into `out` (int32, as many as its table counts)."""
     lowest, counts = table
-    if counts.sum() != out.size:
-        raise CorruptChunk(f"cachegen table counts {int(counts.sum())} symbols, the shape needs {out.size}")
     num_levels = len(counts)
     if num_levels <= 1:
         out.fill(lowest)
-    elif _paired(out.size, num_levels):
-        joint = decoder.decode(_model(counts, True), out.size // 2)
-        np.divmod(joint, num_levels, out=(out[0::2], out[1::2]))
-        out += lowest
-    else:
-        np.add(decoder.decode(_model(counts, False), out.size), lowest, out=out)
+        return
+    try:
+        if _paired(out.size, num_levels):
+            joint = decoder.decode(_model(counts, True), out.size // 2)
+            np.divmod(joint, num_levels, out=(out[0::2], out[1::2]))
+            out += lowest
+        else:
+            np.add(decoder.decode(_model(counts, False), out.size), lowest, out=out)
+    except ValueError as exc:  # constriction's own refusals
+        raise CorruptChunk(f"cachegen stream does not decode: {exc}") from exc

@@ -4,6 +4,10 @@ Each payload starts with a 4-byte header (variant, parameter dtype, group size) 
 scales next to its codes; decoding any variant needs only the payload. Every codec states its
 error as an elementwise bound (`error_bound`), which the tests check on every round trip.
 
+A payload's length is fixed by the chunk's shape and its header, so each decoder checks it
+exactly before allocating anything; a variant this version does not know is ForeignChunk
+(a newer kvshelf wrote it), any other inconsistency CorruptChunk.
+
 Sizes per value, before framing: int8 8 bits + one float32 scale per 64 values (8.5 bits for
 a head_dim of 64), fp8 the same, kivi2 2 bits + two float16 parameters per group of 32 (3 bits).
 """
@@ -14,13 +18,15 @@ import struct
 import numpy as np
 import torch
 
-from kvshelf.codecs.base import Codec
-from kvshelf.errors import CorruptChunk
+from kvshelf.codecs.base import Codec, check_chunk_shape, check_payload_bytes
+from kvshelf.errors import CorruptChunk, ForeignChunk
 
 _HEADER = struct.Struct("<BBH")  # variant, parameter dtype (0 float32, 1 float16), group size
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP16_SAFE = 2.0**14  # parameters above this are stored as float32, so they cannot overflow float16
 _TINY = 1e-30
+# Largest kivi2 group: bounds the padding a payload may declare (at most group_size - 1 codes per row).
+MAX_GROUP_SIZE = 256
 
 
 def _work(kv: torch.Tensor) -> torch.Tensor:
@@ -36,15 +42,13 @@ def _take(payload: memoryview, offset: int, count: int, dtype: np.dtype) -> tupl
     return np.frombuffer(payload, dtype=dtype, count=count, offset=offset), offset + num_bytes
 
 
-def _check_consumed(payload: memoryview, offset: int) -> None:
-    if offset != len(payload):
-        raise CorruptChunk(f"payload has {len(payload) - offset} bytes beyond its data")
-
-
-def _header(payload: memoryview, codec: Codec) -> tuple[int, int, int]:
+def _header(payload: memoryview, codec: Codec, variants: tuple[int, ...]) -> tuple[int, int, int]:
     if len(payload) < _HEADER.size:
         raise CorruptChunk(f"{codec.name} payload of {len(payload)} bytes is shorter than its header")
-    return _HEADER.unpack_from(payload)
+    variant, param_dtype, group_size = _HEADER.unpack_from(payload)
+    if variant not in variants:
+        raise ForeignChunk(f"{codec.name} variant {variant} is unknown to this version of kvshelf")
+    return variant, param_dtype, group_size
 
 
 class Int8Codec(Codec):
@@ -74,13 +78,13 @@ class Int8Codec(Codec):
         return b"".join((_HEADER.pack(self.variant, 0, 0), scales.numpy().tobytes(), codes.numpy().tobytes()))
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        variant, _, _ = _header(payload, self)
-        if variant not in (self._PER_TOKEN, self._PER_CHANNEL):
-            raise CorruptChunk(f"int8 variant {variant} is unknown")
+        check_chunk_shape(self, shape)
+        variant, _, _ = _header(payload, self, (self._PER_TOKEN, self._PER_CHANNEL))
         scale_shape = [1 if dim in self._reduced_dims(variant) else size for dim, size in enumerate(shape)]
-        scales, offset = _take(payload, _HEADER.size, math.prod(scale_shape), np.float32)
+        num_scales = math.prod(scale_shape)
+        check_payload_bytes(self, payload, _HEADER.size + num_scales * 4 + math.prod(shape), shape)
+        scales, offset = _take(payload, _HEADER.size, num_scales, np.float32)
         codes, offset = _take(payload, offset, math.prod(shape), np.int8)
-        _check_consumed(payload, offset)
         x = torch.from_numpy(codes.astype(np.float32)).view(shape) * torch.from_numpy(scales.copy()).view(scale_shape)
         return x.to(dtype)
 
@@ -107,13 +111,13 @@ class Fp8Codec(Codec):
         return b"".join((_HEADER.pack(0, 0, 0), scales.numpy().tobytes(), codes.numpy().tobytes()))
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        _header(payload, self)
-        scale_shape = [*shape[:4], 1] if len(shape) == 5 else None
-        if scale_shape is None:
-            raise CorruptChunk(f"fp8 needs a 5-dimensional shape, got {shape}")
-        scales, offset = _take(payload, _HEADER.size, math.prod(scale_shape), np.float32)
+        check_chunk_shape(self, shape)
+        _header(payload, self, (0,))
+        scale_shape = [*shape[:4], 1]
+        num_scales = math.prod(scale_shape)
+        check_payload_bytes(self, payload, _HEADER.size + num_scales * 4 + math.prod(shape), shape)
+        scales, offset = _take(payload, _HEADER.size, num_scales, np.float32)
         codes, offset = _take(payload, offset, math.prod(shape), np.uint8)
-        _check_consumed(payload, offset)
         values = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).to(torch.float32).view(shape)
         return (values * torch.from_numpy(scales.copy()).view(scale_shape)).to(dtype)
 
@@ -138,6 +142,8 @@ class Kivi2Codec(Codec):
     LEVELS = 2**BITS - 1
 
     def __init__(self, group_size: int = 32) -> None:
+        if not 1 <= group_size <= MAX_GROUP_SIZE:
+            raise ValueError(f"kivi2 group_size must be in [1, {MAX_GROUP_SIZE}], got {group_size}")
         self.group_size = group_size
 
     @staticmethod
@@ -167,21 +173,23 @@ class Kivi2Codec(Codec):
         return b"".join(parts)
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        _, half_params, group_size = _header(payload, self)
-        if len(shape) != 5 or group_size == 0:
-            raise CorruptChunk(f"kivi2 payload with group size {group_size} cannot hold shape {shape}")
-        layers, _, tokens, heads, dim = shape
+        layers, _, tokens, heads, dim = check_chunk_shape(self, shape)
+        _, half_params, group_size = _header(payload, self, (0,))
+        if half_params not in (0, 1) or not 1 <= group_size <= MAX_GROUP_SIZE:
+            raise CorruptChunk(f"kivi2 payload with parameter dtype {half_params} and group size {group_size}")
         key_groups = (layers, heads, dim, -(-tokens // group_size))
         value_groups = (layers, tokens, -(-(heads * dim) // group_size))
         param_dtype = np.float16 if half_params else np.float32
+        num_groups = math.prod(key_groups) + math.prod(value_groups)
+        num_codes = num_groups * group_size
+        param_bytes = 2 * num_groups * np.dtype(param_dtype).itemsize  # each group's minimum and step
+        check_payload_bytes(self, payload, _HEADER.size + param_bytes + -(-num_codes // 4), shape)
         offset, params = _HEADER.size, []
         for group_shape in (key_groups, value_groups):
             low, offset = _take(payload, offset, math.prod(group_shape), param_dtype)
             step, offset = _take(payload, offset, math.prod(group_shape), param_dtype)
             params.append((group_shape, low, step))
-        num_codes = sum(math.prod(group_shape) * group_size for group_shape, _, _ in params)
         packed, offset = _take(payload, offset, -(-num_codes // 4), np.uint8)
-        _check_consumed(payload, offset)
         codes = _unpack_2bit(packed, num_codes)
         halves, start = [], 0
         for group_shape, low, step in params:

@@ -5,8 +5,7 @@ import warnings
 
 import torch
 
-from kvshelf.codecs.base import Codec
-from kvshelf.errors import CorruptChunk
+from kvshelf.codecs.base import Codec, check_chunk_shape, check_payload_bytes
 
 
 class RawCodec(Codec):
@@ -18,11 +17,8 @@ class RawCodec(Codec):
         return memoryview(kv.detach().contiguous().view(torch.uint8).numpy()).cast("B")
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if len(payload) != math.prod(shape) * itemsize:
-            raise CorruptChunk(
-                f"raw payload holds {len(payload)} bytes, shape {shape} needs {math.prod(shape) * itemsize}"
-            )
+        check_chunk_shape(self, shape)
+        check_payload_bytes(self, payload, math.prod(shape) * dtype.itemsize, shape)
         if len(payload) == 0:
             return torch.empty(shape, dtype=dtype)
         # The buffer is shared, not copied, even a read-only one (a Redis reply is `bytes`): torch
