@@ -1,6 +1,6 @@
 """The disk tier: one file per chunk, written atomically, evicted least-recently-used.
 
-Layout under the root directory:
+Layout under the root directory (disk.path):
 
     <namespace id>/namespace.json          what the namespace means (for `kvshelf inspect`)
     <namespace id>/<2 hex>/<key hex>.kvs   one framed chunk
@@ -11,27 +11,84 @@ that races an eviction reads the whole old file or gets a miss, and each process
 chunks written by others on a lookup miss (one stat). Each process enforces the byte cap
 over the files it knows of; a restart rescans, ordering by modification time, which a hit
 refreshes, so LRU order survives restarts.
+
+The directory is a trust boundary: stored KV gives back the prompt, and a planted file must
+never be followed, block, or be allocated whole. So:
+- files are 0600 and directories 0700 (disk.mode group: 0660 and 2770, for one unix group);
+  a root that others can write to, or that another user owns, is refused at start;
+- every path is walked one directory at a time from a held fd of the root with O_NOFOLLOW, so
+  no link is followed anywhere below the root;
+- only regular files of at most `max_object_bytes` are read; anything else under a chunk's or
+  a directory's name (a link, FIFO, device, directory, 1 TiB sparse file) is a miss, counted
+  in `num_refused_entries`, and removed: the name itself, never what a link points to.
 """
 
+import errno
 import json
+import logging
 import os
+import re
+import shutil
+import stat
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 
-from kvshelf.errors import TierUnavailable
-from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey, Namespace
+from kvshelf.errors import ConfigError, TierUnavailable
+from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
+
+logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvs"
 TMP_DIR = ".tmp"
+NAMESPACE_FILE = "namespace.json"
 ABANDONED_TMP_AGE_S = 600.0
+DEFAULT_MAX_OBJECT_BYTES = 2**30
+# disk.mode -> (file mode, directory mode). The setgid bit on directories makes what a group
+# member creates belong to the directory's group, not to that member's primary group.
+MODES = {"private": (0o600, 0o700), "group": (0o660, 0o2770)}
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in under a chunk's name opens at once instead of waiting for a writer.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# An open that met another kind of entry than it asked for: a link (ELOOP; ENOTDIR with
+# O_DIRECTORY), a file where a directory belongs (ENOTDIR), a socket (ENXIO).
+_WRONG_KIND_ERRNOS = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO)
+_NAMESPACE_ID = re.compile(f"[0-9a-f]{{{NAMESPACE_ID_CHARS}}}")
+_KEY_HEX = re.compile("[0-9a-f]{64}")
+
+
+def _filesystem_of(path: Path) -> Path:
+    """The mount point that holds `path`, to name in messages."""
+    place = Path(os.path.abspath(path))
+    while place != place.parent and not os.path.ismount(place):
+        place = place.parent
+    return place
+
+
+def _advice(exc: OSError, path: Path) -> str:
+    """What the operator can do about `exc`, by errno."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return f"disk full: free space on {_filesystem_of(path)} or lower disk.size"
+    if exc.errno == errno.EROFS:
+        return f"filesystem is read-only: remount {_filesystem_of(path)} read-write or choose another disk.path"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied: check the owner and mode of disk.path"
+    if exc.errno == errno.ENOENT:
+        return "the path vanished while in use: check that nothing else removes disk.path or its contents"
+    if exc.errno == errno.EIO:
+        return "I/O error on the device: check the disk and the kernel log"
+    return "check that disk.path exists, is writable and has free space"
 
 
 @contextmanager
@@ -40,74 +97,287 @@ def _io_errors_as_unavailable(action: str, path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise TierUnavailable(
-            f"disk tier cannot {action} {path}: {exc}; check that it exists and has free space"
-        ) from exc
+        advice = _advice(exc, path)
+        raise TierUnavailable(f"disk tier cannot {action} {path}: {advice} ({exc.strerror or exc})") from exc
+
+
+@contextmanager
+def _start_errors_as_config_errors(root: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"disk.path {root} cannot be prepared: {_advice(exc, root)} ({exc.strerror or exc})") from exc
+
+
+def _is_wrong_kind(exc: OSError) -> bool:
+    return exc.errno in _WRONG_KIND_ERRNOS
+
+
+def _is_namespace_id(name: str) -> bool:
+    """Only such names become paths: a key naming "../x" never reaches the filesystem."""
+    return _NAMESPACE_ID.fullmatch(name) is not None
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()  # a non-UTF-8 name was decoded with surrogates, which do not encode
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def chunk_name(key: ChunkKey) -> str:
+    return f"{key.hex}{SUFFIX}"
 
 
 def chunk_path(root: Path, key: ChunkKey) -> Path:
-    return root / key.namespace_id / key.hex[:2] / f"{key.hex}{SUFFIX}"
-
-
-def iter_chunk_files(root: Path) -> Iterator[tuple[Path, ChunkKey | None]]:
-    """Every file under the namespace directories, with its key, or None for a misnamed file."""
-    for namespace_dir in sorted(root.iterdir()):
-        if not namespace_dir.is_dir() or namespace_dir.name == TMP_DIR:
-            continue
-        for path in sorted(namespace_dir.rglob("*")):
-            if path.is_file() and path.name != "namespace.json":
-                yield path, key_from_path(path)
+    return root / key.namespace_id / key.hex[:2] / chunk_name(key)
 
 
 def key_from_path(path: Path) -> ChunkKey | None:
     namespace_id = path.parent.parent.name
     stem = path.name.removesuffix(SUFFIX)
-    try:
-        digest = bytes.fromhex(stem)
-    except ValueError:
-        return None
-    if path.suffix != SUFFIX or len(digest) != 32 or len(namespace_id) != NAMESPACE_ID_CHARS:
+    if path.suffix != SUFFIX or not _KEY_HEX.fullmatch(stem) or not _is_namespace_id(namespace_id):
         return None
     if path.parent.name != stem[:2]:
         return None
-    return ChunkKey(namespace_id, digest)
+    return ChunkKey(namespace_id, bytes.fromhex(stem))
+
+
+def _remove_entry(dir_fd: int, name: str) -> None:
+    """Remove `name` from the directory: a link itself (never its target), a file, or a directory tree."""
+    try:
+        if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)  # the fd-based walk: never descends through a link
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass  # removed by another process first
+
+
+def _list_dir(dir_fd: int) -> tuple[list[str], list[str]]:
+    """Sorted names of the real subdirectories and of the regular files in a directory.
+
+    Links, FIFOs, devices, sockets, names that are not UTF-8 and entries gone before they could
+    be looked at are left out."""
+    subdir_names, file_names = [], []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if not _is_utf8(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdir_names.append(entry.name)
+                elif entry.is_file(follow_symlinks=False):
+                    file_names.append(entry.name)
+            except FileNotFoundError:
+                continue  # removed since it was listed
+    return sorted(subdir_names), sorted(file_names)
+
+
+def _stat_regular(dir_fd: int, name: str) -> os.stat_result | None:
+    """The file's stat if it is still a regular file; None if it vanished or changed kind."""
+    try:
+        status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return status if stat.S_ISREG(status.st_mode) else None
+
+
+def _open_listed_dir(parent_fd: int, name: str) -> int | None:
+    """fd of a directory found by a listing; None if it vanished or was swapped for a link since."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if _is_wrong_kind(exc):
+            return None
+        raise
+
+
+def _walk_chunk_files(root_fd: int, root: Path) -> Iterator[tuple[Path, ChunkKey | None, os.stat_result]]:
+    subdir_names, _ = _list_dir(root_fd)
+    for namespace_name in subdir_names:
+        if namespace_name != TMP_DIR:
+            yield from _walk_namespace(root_fd, namespace_name, root / namespace_name)
+
+
+def _walk_namespace(
+    root_fd: int, name: str, namespace_dir: Path
+) -> Iterator[tuple[Path, ChunkKey | None, os.stat_result]]:
+    namespace_fd = _open_listed_dir(root_fd, name)
+    if namespace_fd is None:
+        return
+    try:
+        fan_out_names, loose_names = _list_dir(namespace_fd)
+        for file_name in loose_names:
+            status = _stat_regular(namespace_fd, file_name)
+            if file_name != NAMESPACE_FILE and status is not None:
+                yield namespace_dir / file_name, None, status  # not where a chunk belongs
+        for fan_out_name in fan_out_names:
+            yield from _walk_fan_out(namespace_fd, fan_out_name, namespace_dir / fan_out_name)
+    finally:
+        os.close(namespace_fd)
+
+
+def _walk_fan_out(
+    namespace_fd: int, name: str, fan_out_dir: Path
+) -> Iterator[tuple[Path, ChunkKey | None, os.stat_result]]:
+    fan_out_fd = _open_listed_dir(namespace_fd, name)
+    if fan_out_fd is None:
+        return
+    try:
+        for file_name in _list_dir(fan_out_fd)[1]:
+            status = _stat_regular(fan_out_fd, file_name)
+            if status is not None:
+                path = fan_out_dir / file_name
+                yield path, key_from_path(path), status
+    finally:
+        os.close(fan_out_fd)
+
+
+def iter_chunk_files(root: Path) -> Iterator[tuple[Path, ChunkKey | None]]:
+    """Every regular file under the namespace directories, with its key, or None for a misnamed file.
+
+    No link below `root` is followed; links, FIFOs and other non-regular entries, names that are
+    not UTF-8, and entries that vanish during the walk (evicted by a running tier) are skipped."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for path, key, _ in _walk_chunk_files(root_fd, Path(root)):
+            yield path, key
+    finally:
+        os.close(root_fd)
+
+
+def _check_root(status: os.stat_result, root: Path, mode: str) -> None:
+    """Refuse a root that someone else could write to: they could plant or replace chunks."""
+    permissions = stat.S_IMODE(status.st_mode)
+    shared_by_group = mode == "group" and status.st_gid in {os.getegid(), *os.getgroups()}
+    if status.st_uid != os.geteuid() and not shared_by_group:
+        raise ConfigError(
+            f"disk.path {root} belongs to uid {status.st_uid}, not to this user (uid {os.geteuid()}), who "
+            "could read and replace the cache; choose a directory of your own for disk.path, or chown it"
+        )
+    if permissions & stat.S_IWOTH:
+        raise ConfigError(
+            f"disk.path {root} is writable by every user (mode {permissions:o}), who could plant chunks; "
+            f"run `chmod o-w {root}` or choose another disk.path"
+        )
+    if mode == "private" and permissions & stat.S_IWGRP:
+        raise ConfigError(
+            f"disk.path {root} is group-writable (mode {permissions:o}) but disk.mode is private; run "
+            f"`chmod g-w {root}`, or set disk.mode: group to share the cache with the directory's group"
+        )
+
+
+def _open_root(root: Path, mode: str) -> int:
+    """fd of the cache directory, created if missing, checked, and set to the mode's permissions."""
+    dir_mode = MODES[mode][1]
+    if root.is_symlink():
+        raise ConfigError(
+            f"disk.path {root} is a symbolic link, which kvshelf does not follow; "
+            f"set disk.path to the real directory ({root.resolve()})"
+        )
+    try:
+        root.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        root_fd = os.open(root, _DIR_FLAGS)
+    except OSError as exc:
+        if _is_wrong_kind(exc) or isinstance(exc, FileExistsError):
+            raise ConfigError(f"disk.path {root} is not a directory; choose another disk.path") from exc
+        raise ConfigError(f"disk.path {root} cannot be opened: {_advice(exc, root)} ({exc.strerror or exc})") from exc
+    try:
+        status = os.fstat(root_fd)
+        _check_root(status, root, mode)
+        # Tightens a cache made by an older kvshelf (0755); a group-shared root of another owner is theirs.
+        if status.st_uid == os.geteuid() and stat.S_IMODE(status.st_mode) != dir_mode:
+            with _start_errors_as_config_errors(root):
+                os.fchmod(root_fd, dir_mode)
+    except BaseException:
+        os.close(root_fd)
+        raise
+    return root_fd
 
 
 class DiskTier(Tier[memoryview]):
     name = "disk"
 
-    def __init__(self, root: Path, capacity_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        capacity_bytes: int,
+        mode: str = "private",
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    ) -> None:
         super().__init__(capacity_bytes)
+        if mode not in MODES:
+            raise ConfigError(f"disk.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if max_object_bytes <= 0:
+            raise ValueError(f"max_object_bytes must be positive, got {max_object_bytes}")
         self.root = Path(root)
-        self._tmp_dir = self.root / TMP_DIR
-        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = mode
+        self._file_mode, self._dir_mode = MODES[mode]
+        # A larger file was never written by a tier of this capacity: it is planted or damaged.
+        self.max_object_bytes = min(max_object_bytes, capacity_bytes)
+        # Entries under the root that were not what kvshelf writes there (links, FIFOs, devices,
+        # directories or oversized files where a chunk belongs): removed and counted here.
+        self.num_refused_entries = 0
         self._lock = threading.Lock()
         self._noted_namespace_ids: set[str] = set()
         # key -> file size; oldest access first.
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()
-        self._remove_abandoned_tmp_files()
-        self._scan()
+        # Held for the tier's life: every path is walked from it, so the root cannot be swapped later.
+        self._root_fd = _open_root(self.root, mode)
+        self._close_root_fd = weakref.finalize(self, os.close, self._root_fd)
+        with _start_errors_as_config_errors(self.root):
+            self._prepare_tmp_dir()
+            self._scan()
 
     def __len__(self) -> int:
         return len(self._index)
 
+    def close(self) -> None:
+        self._close_root_fd()
+        self._root_fd = -1  # later calls fail with EBADF instead of using a reused descriptor number
+
+    # --- start-up ---
+
+    def _prepare_tmp_dir(self) -> None:
+        tmp_fd = self._make_subdir(self._root_fd, TMP_DIR)  # a link or file named .tmp is replaced
+        try:
+            self._remove_abandoned_tmp_files(tmp_fd)
+        finally:
+            os.close(tmp_fd)
+
+    def _remove_abandoned_tmp_files(self, tmp_fd: int) -> None:
+        """Regular files older than ABANDONED_TMP_AGE_S (a writer died); links and directories are left."""
+        cutoff = time.time() - ABANDONED_TMP_AGE_S
+        for name in _list_dir(tmp_fd)[1]:
+            status = _stat_regular(tmp_fd, name)
+            if status is None or status.st_mtime >= cutoff:
+                continue
+            try:
+                os.unlink(name, dir_fd=tmp_fd)
+            except FileNotFoundError:
+                pass  # another process cleaned it up first
+            except OSError as exc:  # e.g. a read-only filesystem: the tier can still serve reads
+                logger.warning("kvshelf: cannot remove abandoned temp file %s: %s", self.root / TMP_DIR / name, exc)
+                return
+
     def _scan(self) -> None:
-        found = []
-        for path, key in iter_chunk_files(self.root):
-            if key is not None:
-                stat = path.stat()
-                found.append((stat.st_mtime, key, stat.st_size))
+        scan_fd = os.open(".", _DIR_FLAGS, dir_fd=self._root_fd)  # its own read position
+        try:
+            found = [
+                (status.st_mtime, key, status.st_size)
+                for _, key, status in _walk_chunk_files(scan_fd, self.root)
+                if key is not None and status.st_size <= self.max_object_bytes
+            ]
+        finally:
+            os.close(scan_fd)
         for _, key, size_bytes in sorted(found, key=lambda entry: entry[0]):
             self._index_add(key, size_bytes)
 
-    def _remove_abandoned_tmp_files(self) -> None:
-        cutoff = time.time() - ABANDONED_TMP_AGE_S
-        for path in self._tmp_dir.iterdir():
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-            except FileNotFoundError:
-                pass  # another process cleaned it up first
+    # --- the index (under self._lock) ---
 
     def _index_add(self, key: ChunkKey, size_bytes: int) -> None:
         self._index_remove(key)
@@ -119,19 +389,103 @@ class DiskTier(Tier[memoryview]):
         if size_bytes is not None:
             self._used_bytes -= size_bytes
 
+    # --- walking the directory without following links ---
+
+    def _refuse(self, dir_fd: int, name: str) -> None:
+        """Count and remove an entry kvshelf did not write: a link goes, never what it points to."""
+        with self._lock:
+            self.num_refused_entries += 1
+        logger.warning("kvshelf: disk tier %s: removing %r, which is not a regular chunk file or directory",
+                       self.root, name)
+        try:
+            _remove_entry(dir_fd, name)
+        except OSError as exc:  # e.g. a read-only filesystem: it stays refused on every read
+            logger.warning("kvshelf: disk tier %s: cannot remove %r: %s", self.root, name, exc)
+
+    def _open_subdir(self, parent_fd: int, name: str) -> int | None:
+        """fd of directory `name`, never through a link; None if missing or refused."""
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if not _is_wrong_kind(exc):
+                raise
+        self._refuse(parent_fd, name)
+        return None
+
+    def _make_subdir(self, parent_fd: int, name: str) -> int:
+        """fd of directory `name`, created if missing.
+
+        A link planted where the directory belongs is removed and a real directory made: writes
+        are never redirected, and the tier heals instead of failing every write (and tripping
+        its breaker) until someone removes the link by hand."""
+        subdir_fd = self._open_subdir(parent_fd, name)
+        if subdir_fd is not None:
+            return subdir_fd
+        try:
+            os.mkdir(name, self._dir_mode, dir_fd=parent_fd)
+        except FileExistsError:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)  # made meanwhile by another process
+        subdir_fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            os.fchmod(subdir_fd, self._dir_mode)  # mkdir's mode is cut by the umask
+        except BaseException:
+            os.close(subdir_fd)
+            raise
+        return subdir_fd
+
+    def _open_chunk_dir(self, key: ChunkKey) -> int | None:
+        namespace_fd = self._open_subdir(self._root_fd, key.namespace_id)
+        if namespace_fd is None:
+            return None
+        try:
+            return self._open_subdir(namespace_fd, key.hex[:2])
+        finally:
+            os.close(namespace_fd)
+
+    def _make_chunk_dir(self, key: ChunkKey) -> int:
+        namespace_fd = self._make_subdir(self._root_fd, key.namespace_id)
+        try:
+            return self._make_subdir(namespace_fd, key.hex[:2])
+        finally:
+            os.close(namespace_fd)
+
+    def _is_acceptable(self, status: os.stat_result) -> bool:
+        return stat.S_ISREG(status.st_mode) and status.st_size <= self.max_object_bytes
+
+    # --- lookups and reads ---
+
     def _knows(self, key: ChunkKey) -> bool:
         """In the index, or written by another process since (then indexed now)."""
+        if not _is_namespace_id(key.namespace_id):
+            return False
         with self._lock:
             if key in self._index:
                 return True
-        path = chunk_path(self.root, key)
-        with _io_errors_as_unavailable("check", path):
-            if not path.is_file():
-                return False
-            size_bytes = path.stat().st_size
+        with _io_errors_as_unavailable("check", chunk_path(self.root, key)):
+            size_bytes = self._stat_chunk(key)
+        if size_bytes is None:
+            return False
         with self._lock:
             self._index_add(key, size_bytes)
         return True
+
+    def _stat_chunk(self, key: ChunkKey) -> int | None:
+        """The chunk file's size; None if there is none (or only a refused entry)."""
+        dir_fd = self._open_chunk_dir(key)
+        if dir_fd is None:
+            return None
+        try:
+            status = os.stat(chunk_name(key), dir_fd=dir_fd, follow_symlinks=False)
+            if self._is_acceptable(status):
+                return status.st_size
+            self._refuse(dir_fd, chunk_name(key))
+            return None
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(dir_fd)
 
     def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
         for count, key in enumerate(keys):
@@ -143,28 +497,58 @@ class DiskTier(Tier[memoryview]):
         return [self._get(key) for key in keys]
 
     def _get(self, key: ChunkKey) -> memoryview | None:
-        path = chunk_path(self.root, key)
-        try:
-            with _io_errors_as_unavailable("read", path):
-                with open(path, "rb", buffering=0) as file:
-                    # Uninitialised and writable: no zero-fill, and decoders can share it without a copy.
-                    blob = memoryview(np.empty(os.fstat(file.fileno()).st_size, dtype=np.uint8))
-                    num_read = file.readinto(blob)
-                os.utime(path)  # the file's mtime is its LRU position across restarts
-        except TierUnavailable as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
-            with self._lock:  # evicted by another process
-                self._index_remove(key)
+        if not _is_namespace_id(key.namespace_id):
             return None
-        if num_read != len(blob):  # shrank under us: treat like a missing file
-            return None
+        with _io_errors_as_unavailable("read", chunk_path(self.root, key)):
+            blob = self._read_chunk(key)
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+            if blob is None:  # evicted by another process, or refused
+                self._index_remove(key)
             else:
-                self._index_add(key, len(blob))
+                self._index_add(key, len(blob))  # also moves it to the recent end
         return blob
+
+    def _read_chunk(self, key: ChunkKey) -> memoryview | None:
+        dir_fd = self._open_chunk_dir(key)
+        if dir_fd is None:
+            return None
+        try:
+            opened = self._open_chunk(dir_fd, chunk_name(key))
+        finally:
+            os.close(dir_fd)
+        if opened is None:
+            return None
+        fd, size_bytes = opened
+        try:
+            return _read_whole(fd, size_bytes)
+        finally:
+            os.close(fd)
+
+    def _open_chunk(self, dir_fd: int, name: str) -> tuple[int, int] | None:
+        """(fd, size) of a regular chunk file of acceptable size; None if missing or refused.
+
+        Checked before the open, so a FIFO or device is never opened at all, and again on what
+        was opened, since the name may have been swapped in between."""
+        try:
+            if not self._is_acceptable(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)):
+                self._refuse(dir_fd, name)
+                return None
+            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if not _is_wrong_kind(exc):
+                raise
+            self._refuse(dir_fd, name)
+            return None
+        status = os.fstat(fd)
+        if self._is_acceptable(status):
+            return fd, status.st_size
+        os.close(fd)
+        self._refuse(dir_fd, name)
+        return None
+
+    # --- writes ---
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Parts]]) -> None:
         for key, parts in items:
@@ -172,55 +556,145 @@ class DiskTier(Tier[memoryview]):
 
     def _put(self, key: ChunkKey, parts: Parts) -> None:
         size_bytes = parts_bytes(parts)
-        if size_bytes > self._capacity_bytes:
+        if size_bytes > self.max_object_bytes or not _is_namespace_id(key.namespace_id):
             return
         with self._lock:
             if key in self._index:
                 return
         self._evict_until_free(size_bytes)
-        path = chunk_path(self.root, key)
-        tmp_path = self._tmp_dir / f"{uuid.uuid4().hex}.tmp"
-        try:
-            with _io_errors_as_unavailable("write", path):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp_path, "wb") as file:
-                    for part in parts:
-                        file.write(part)
-                os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)  # a failed write leaves nothing behind
+        with _io_errors_as_unavailable("write", chunk_path(self.root, key)):
+            try:
+                self._write_chunk(key, parts)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS or not self._evict_for_room(size_bytes):
+                    raise
+                self._write_chunk(key, parts)  # once: if the disk is still full, it is others' files
         with self._lock:
             self._index_add(key, size_bytes)
+
+    def _write_chunk(self, key: ChunkKey, parts: Parts) -> None:
+        tmp_fd = self._make_subdir(self._root_fd, TMP_DIR)
+        try:
+            dir_fd = self._make_chunk_dir(key)
+            try:
+                self._write_file(tmp_fd, dir_fd, chunk_name(key), parts)
+            finally:
+                os.close(dir_fd)
+        finally:
+            os.close(tmp_fd)
+
+    def _write_file(self, tmp_fd: int, dir_fd: int, name: str, parts: Parts) -> None:
+        """Write `parts` to a new file in .tmp, then rename it to `name`: readers see all of it or
+        none, and a failure leaves no temp file and the file already there (if any) as it was."""
+        tmp_name = f"{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp_name, _CREATE_FLAGS, self._file_mode, dir_fd=tmp_fd)
+        try:
+            with open(fd, "wb") as file:
+                os.fchmod(fd, self._file_mode)  # the create mode is cut by the umask
+                for part in parts:
+                    file.write(part)
+            os.replace(tmp_name, name, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)  # replaces a link, never follows it
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp_name, dir_fd=tmp_fd)
+            raise
 
     def _evict_until_free(self, size_bytes: int) -> None:
         while True:
             with self._lock:
-                if self._used_bytes + size_bytes <= self._capacity_bytes or not self._index:
+                if self._used_bytes + size_bytes <= self._capacity_bytes:
                     return
-                key, evicted_bytes = self._index.popitem(last=False)
-                self._used_bytes -= evicted_bytes
-                self.counters.num_evictions += 1
-                self.counters.evicted_bytes += evicted_bytes
-            self._unlink(chunk_path(self.root, key))
+            if self._evict_oldest() is None:
+                return
 
-    def _unlink(self, path: Path) -> None:
-        with _io_errors_as_unavailable("remove", path):
-            path.unlink(missing_ok=True)
+    def _evict_for_room(self, size_bytes: int) -> bool:
+        """On a full filesystem, evict own chunks worth the object plus as much again (at least 1%
+        of capacity), so the next writes do not each hit a full disk. False: nothing to evict."""
+        target_bytes = size_bytes + max(size_bytes, self._capacity_bytes // 100)
+        freed_bytes = 0
+        while freed_bytes < target_bytes:
+            evicted_bytes = self._evict_oldest()
+            if evicted_bytes is None:
+                break
+            freed_bytes += evicted_bytes
+        return freed_bytes > 0
+
+    def _evict_oldest(self) -> int | None:
+        """Evict the least recently used chunk; returns its size, or None if the index is empty."""
+        with self._lock:
+            if not self._index:
+                return None
+            key, evicted_bytes = self._index.popitem(last=False)
+            self._used_bytes -= evicted_bytes
+            self.counters.num_evictions += 1
+            self.counters.evicted_bytes += evicted_bytes
+        self._remove_chunk(key)
+        return evicted_bytes
+
+    def _remove_chunk(self, key: ChunkKey) -> None:
+        with _io_errors_as_unavailable("remove", chunk_path(self.root, key)):
+            dir_fd = self._open_chunk_dir(key)
+            if dir_fd is None:
+                return
+            try:
+                _remove_entry(dir_fd, chunk_name(key))
+            finally:
+                os.close(dir_fd)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         for key in keys:
+            if not _is_namespace_id(key.namespace_id):
+                continue
             with self._lock:
                 self._index_remove(key)
-            self._unlink(chunk_path(self.root, key))
+            self._remove_chunk(key)
 
-    def note_namespace(self, namespace: Namespace) -> None:
-        if namespace.id in self._noted_namespace_ids:
+    def note_namespace(self, namespace_id: str, description: dict) -> None:
+        if namespace_id in self._noted_namespace_ids or not _is_namespace_id(namespace_id):
             return
-        path = self.root / namespace.id / "namespace.json"
-        with _io_errors_as_unavailable("write", path):
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp_path = self._tmp_dir / f"{uuid.uuid4().hex}.tmp"
-                tmp_path.write_text(json.dumps(namespace.describe(), indent=2, sort_keys=True))
-                os.replace(tmp_path, path)
-        self._noted_namespace_ids.add(namespace.id)
+        with _io_errors_as_unavailable("write", self.root / namespace_id / NAMESPACE_FILE):
+            namespace_fd = self._make_subdir(self._root_fd, namespace_id)
+            try:
+                if not self._holds_regular_file(namespace_fd, NAMESPACE_FILE):
+                    self._write_description(namespace_fd, description)
+            finally:
+                os.close(namespace_fd)
+        self._noted_namespace_ids.add(namespace_id)
+
+    def _holds_regular_file(self, dir_fd: int, name: str) -> bool:
+        """Whether `name` is a regular file; another kind of entry there is refused, so a planted
+        directory cannot make every later write of the name fail."""
+        try:
+            status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(status.st_mode):
+            return True
+        self._refuse(dir_fd, name)
+        return False
+
+    def _write_description(self, namespace_fd: int, description: dict) -> None:
+        text = json.dumps(description, indent=2, sort_keys=True)
+        tmp_fd = self._make_subdir(self._root_fd, TMP_DIR)
+        try:
+            self._write_file(tmp_fd, namespace_fd, NAMESPACE_FILE, [text.encode()])
+        finally:
+            os.close(tmp_fd)
+
+
+def _read_whole(fd: int, size_bytes: int) -> memoryview | None:
+    """The file's `size_bytes` bytes; None if it shrank under us (like a missing file)."""
+    # Uninitialised and writable: no zero-fill, and decoders can share it without a copy.
+    blob = memoryview(np.empty(size_bytes, dtype=np.uint8))
+    with open(fd, "rb", buffering=0, closefd=False) as file:
+        num_read = 0
+        while num_read < size_bytes:
+            count = file.readinto(blob[num_read:])
+            if not count:
+                return None
+            num_read += count
+    # The file's mtime is its LRU position across restarts. A failed touch (a read-only
+    # filesystem, another owner's file) must not fail the read it follows.
+    with suppress(OSError):
+        os.utime(fd)
+    return blob
