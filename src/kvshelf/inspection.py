@@ -7,8 +7,10 @@ authenticated with the deployment key (security.*), and shaped as its namespace'
 
 import functools
 import json
+import os
 import re
 import shutil
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,11 +23,12 @@ from kvshelf.errors import CorruptChunk, ForeignChunk, TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
 from kvshelf.layout import KVLayout
 from kvshelf.security import Keyring
-from kvshelf.tiers.disk import TMP_DIR, iter_chunk_files
+from kvshelf.tiers.disk import NAMESPACE_FILE, TMP_DIR, DiskTier, iter_chunk_files
 from kvshelf.tiers.redis import NAMESPACE_FIELD, SCAN_BATCH, RedisTier
 
 REDIS_SCHEMES = ("redis://", "rediss://")
 GONE = "gone"  # evicted or removed between listing and reading: not damage
+MAX_DESCRIPTION_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -70,32 +73,47 @@ class Store(ABC):
 
 
 class DiskStore(Store):
+    """A disk tier's directory, read through a DiskTier: no link is followed, only regular files of a
+    plausible size are read (a planted link, FIFO or device is removed, as the tier would)."""
+
     def __init__(self, root: Path, keyring: Keyring) -> None:
         if not root.is_dir():
             raise ValueError(f"{root} is not a directory; give the disk tier's path (disk.path) or a redis:// URL")
         self.root = root
         self.name = str(root)
         self.keyring = keyring
+        self.tier = DiskTier(root, capacity_bytes=2**62)
 
     def objects(self) -> Iterator[StoredObject]:
         for path, key in iter_chunk_files(self.root):
-            yield StoredObject(str(path), key, path.stat().st_size)
+            try:
+                yield StoredObject(str(path), key, os.stat(path, follow_symlinks=False).st_size)
+            except FileNotFoundError:
+                continue  # evicted since it was listed
 
-    def read(self, objects: Sequence[StoredObject]) -> list[bytes | None]:
-        return [_read_file(Path(stored.where)) for stored in objects]
+    def read(self, objects: Sequence[StoredObject]) -> list[bytes | memoryview | None]:
+        return [self.tier.get_many([stored.key])[0] if stored.key is not None else None for stored in objects]
 
     def description(self, namespace_id: str) -> dict | None:
+        path = self.root / namespace_id / NAMESPACE_FILE
         try:
-            return json.loads((self.root / namespace_id / "namespace.json").read_text())
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(descriptor, "rb") as file:
+                return json.loads(file.read(MAX_DESCRIPTION_BYTES))
         except (OSError, ValueError):
             return None
 
     def _clear(self, namespace_id: str) -> int:
         directory = self.root / namespace_id
-        if not directory.is_dir():
+        try:
+            status = os.stat(directory, follow_symlinks=False)
+        except FileNotFoundError:
             return 0
-        num_files = sum(1 for path in directory.rglob("*") if path.is_file())
-        shutil.rmtree(directory)
+        if not stat.S_ISDIR(status.st_mode):
+            directory.unlink()  # a planted link or file: remove the name, never what it points to
+            return 1
+        num_files = sum(1 for path in directory.rglob("*") if not path.is_dir())
+        shutil.rmtree(directory)  # refuses a symlinked root and never descends through links
         return num_files
 
     def info(self) -> dict:
@@ -107,12 +125,8 @@ class DiskStore(Store):
             "num_temp_files": sum(1 for _ in tmp_dir.iterdir()) if tmp_dir.is_dir() else 0,
         }
 
-
-def _read_file(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    def close(self) -> None:
+        self.tier.close()
 
 
 class RedisStore(Store):

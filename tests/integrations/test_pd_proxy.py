@@ -5,6 +5,7 @@ The prefill instance is also the reference: asked directly, it is a plain vLLM i
 """
 
 import json
+import os
 import re
 import threading
 
@@ -15,6 +16,7 @@ from kvshelf.bench.redis_servers import RedisServer, free_port
 from kvshelf.disagg.launch import new_instance, proxy_argv, running, start_process, stop, wait_healthy
 
 MAX_TOKENS = 12
+ADMIN_KEY = "proxy-admin-key-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,8 @@ def proxy(setup):
         if colocated:
             instances = [type(instance)("both", instance.port, instance.lookup_address) for instance in instances]
         port = free_port()
-        process = start_process(proxy_argv(port, instances, channel, routing), work / f"proxy-{port}", None)
+        env = dict(os.environ, KVSHELF_PROXY_ADMIN_KEY=ADMIN_KEY)
+        process = start_process(proxy_argv(port, instances, channel, routing), work / f"proxy-{port}", env)
         started.append(process)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, process, work / f"proxy-{port}", timeout_s=60)
@@ -146,7 +149,7 @@ def test_kv_aware_routing_sends_a_repeated_prompt_to_the_instance_holding_it(set
     round_robin = proxy(colocated=True, routing="round-robin")
     assert {complete(round_robin, texts[4]).headers["x-kvshelf-instance"] for _ in range(2)} == {
         prefill.url, decode.url}
-    stats = httpx.get(f"{url}/proxy/stats", timeout=10).json()
+    stats = httpx.get(f"{url}/proxy/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
     assert stats["kv_aware_hits"] >= 3
 
 

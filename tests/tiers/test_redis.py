@@ -1,5 +1,6 @@
 """The redis tier against real redis-server processes: one server, a 3-node cluster, failures."""
 
+import json
 import logging
 import subprocess
 import time
@@ -10,7 +11,6 @@ import torch
 
 from kvshelf import ConfigError, KVLayout, Namespace, Shelf, load_config
 from kvshelf.bench.redis_servers import RedisServer, free_port
-from kvshelf.keys import chunk_keys
 from kvshelf.tiers.redis import USAGE_REFRESH_S, RedisTier
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 from tests.tiers.test_memory import key
@@ -38,6 +38,10 @@ def redis_shelf(make_shelf, redis_server):
     return make
 
 
+def redis_name(key) -> str:
+    return f"kvshelf:{key.namespace_id}:{key.hex}"
+
+
 def saved_kv(shelf, namespace, tokens=TOKENS, seed=0):
     kv = random_kv(len(tokens), seed)
     shelf.save(tokens, kv, namespace)
@@ -55,6 +59,44 @@ def test_tier_round_trip_and_namespaced_names(redis_server):
     assert tier.contains_each([key(1)]) == [False]
     names = {name.decode() for name in redis_server.client().keys("*")}
     assert names == {f"kvshelf:{key(i).namespace_id}:{key(i).hex}" for i in (0, 2, 3)}
+    tier.close()
+
+
+def test_names_that_are_not_utf8_or_not_a_chunks_spelling_are_listed_as_not_chunks_and_cleared(redis_server):
+    tier = tier_of(redis_server.url)
+    tier.put_many([(key(0xAB), [b"chunk"])])  # "ab00...": its hex has letters to spell in upper case
+    namespace_id, chunk_hex = key(0xAB).namespace_id, key(0xAB).hex
+    strays = {
+        b"kvshelf:\xff\xfe:junk": "kvshelf:\\xff\\xfe:junk",  # anyone who can SET can write this
+        f"kvshelf:{namespace_id}:".encode() + b"\xc3\x28": f"kvshelf:{namespace_id}:\\xc3(",
+        f"kvshelf:{namespace_id}:{chunk_hex.upper()}".encode(): f"kvshelf:{namespace_id}:{chunk_hex.upper()}",
+        f"kvshelf:{namespace_id.upper()}:{chunk_hex}".encode(): f"kvshelf:{namespace_id.upper()}:{chunk_hex}",
+        f"kvshelf:{namespace_id}:{chunk_hex[:2]} {chunk_hex[2:]}".encode():  # bytes.fromhex would take it
+            f"kvshelf:{namespace_id}:{chunk_hex[:2]} {chunk_hex[2:]}",
+    }
+    client = redis_server.client()
+    for raw_name in strays:
+        client.set(raw_name, b"x")
+    listed = dict(tier.iter_names())
+    assert listed == {redis_name(key(0xAB)): key(0xAB)} | {name: None for name in strays.values()}
+    # clear deletes by the names Redis holds, so the namespace's strays go too; the others stay
+    assert tier.clear(namespace_id) == 4
+    left = [b"kvshelf:\xff\xfe:junk", f"kvshelf:{namespace_id.upper()}:{chunk_hex}".encode()]
+    assert sorted(client.keys("*")) == sorted(left)
+    tier.close()
+
+
+def test_note_namespace_records_the_first_description_only(redis_server):
+    tier = tier_of(redis_server.url)
+    first = {"model_id": "m@1", "cache_salt_tag": "5f0e9c2ab3d14e77"}
+    tier.note_namespace("0123456789abcdef", first)
+    tier.note_namespace("0123456789abcdef", {"model_id": "other"})  # noted already: not even sent
+    another = tier_of(redis_server.url)
+    another.note_namespace("0123456789abcdef", {"model_id": "other"})  # SET NX: the first stays
+    another.close()
+    assert json.loads(redis_server.client().get("kvshelf:0123456789abcdef:namespace")) == first
+    assert tier.namespace_description("0123456789abcdef") == first
+    assert dict(tier.iter_names()) == {"kvshelf:0123456789abcdef:namespace": None}
     tier.close()
 
 
@@ -77,9 +119,10 @@ def test_tenants_sharing_one_redis_never_hit_each_other(redis_shelf):
 
 
 def test_ttl_is_set_and_renewed_by_reads(redis_shelf, redis_server, namespace):
-    saved_kv(redis_shelf(redis_ttl_s=100), namespace)
+    writer = redis_shelf(redis_ttl_s=100)
+    saved_kv(writer, namespace)
     client = redis_server.client()
-    first = f"kvshelf:{namespace.id}:{chunk_keys(TOKENS, namespace, CHUNK_SIZE)[0].hex}"
+    first = redis_name(writer.chunk_keys(TOKENS, namespace)[0])
     assert 0 < client.pttl(first) <= 100_000
     client.pexpire(first, 5000)
     redis_shelf(redis_ttl_s=100).load(TOKENS, namespace, CHUNK_SIZE)
@@ -87,9 +130,10 @@ def test_ttl_is_set_and_renewed_by_reads(redis_shelf, redis_server, namespace):
 
 
 def test_corrupt_value_is_a_miss_counted_and_removed(redis_shelf, redis_server, namespace):
-    kv = saved_kv(redis_shelf(), namespace)
+    writer = redis_shelf()
+    kv = saved_kv(writer, namespace)
     client = redis_server.client()
-    second = f"kvshelf:{namespace.id}:{chunk_keys(TOKENS, namespace, CHUNK_SIZE)[1].hex}"
+    second = redis_name(writer.chunk_keys(TOKENS, namespace)[1])
     damaged = bytearray(client.get(second))
     damaged[-3] ^= 0x01
     client.set(second, bytes(damaged))
@@ -120,7 +164,7 @@ def test_redis_eviction_inside_a_prefix_ends_the_prefix_there(tmp_path, make_she
             shelf.flush()
         client = server.client()
         assert client.info("stats")["evicted_keys"] > 0
-        names = [f"kvshelf:{namespace.id}:{k.hex}" for k in chunk_keys(tokens, namespace, CHUNK_SIZE)]
+        names = [redis_name(k) for k in shelf.chunk_keys(tokens, namespace)]
         held = [bool(client.exists(name)) for name in names]
         first_missing = held.index(False)
         assert first_missing > 0  # the hole is inside the prefix
@@ -186,14 +230,19 @@ def test_unreachable_or_refused_at_start_is_a_clear_error(tmp_path, server_args,
         assert "s3cret" not in str(raised.value) and "wrong" not in str(raised.value)
 
 
+PASSWORD = "p@ss/w:rd%"  # characters a URL must escape
+QUOTED_PASSWORD = "p%40ss%2Fw%3Ard%25"
+
+
 @pytest.mark.parametrize("login", ["password_in_url", "password_option", "acl_user"])
 def test_login(tmp_path, make_shelf, namespace, login):
-    server_args = ("--user", "alice", "on", ">pw", "~*", "+@all") if login == "acl_user" else ("--requirepass", "pw")
+    server_args = (("--user", "alice", "on", f">{PASSWORD}", "~*", "+@all") if login == "acl_user"
+                   else ("--requirepass", PASSWORD))
     with RedisServer(tmp_path, *server_args) as server:
         options = {
-            "password_in_url": {"redis_url": server.url.replace("//", "//:pw@")},
-            "password_option": {"redis_url": server.url, "redis_password": "pw"},
-            "acl_user": {"redis_url": server.url.replace("//", "//alice:pw@")},
+            "password_in_url": {"redis_url": server.url.replace("//", f"//:{QUOTED_PASSWORD}@")},
+            "password_option": {"redis_url": server.url, "redis_password": PASSWORD},
+            "acl_user": {"redis_url": server.url.replace("//", f"//alice:{QUOTED_PASSWORD}@")},
         }[login]
         shelf = make_shelf(disk_path=None, **options)
         saved_kv(shelf, namespace)
@@ -230,7 +279,8 @@ def test_cluster_spreads_chunks_and_losing_a_node_loses_only_its_keys(redis_clus
     def cluster_shelf():
         return make_shelf(disk_path=None, redis_url=redis_cluster.urls, redis_cluster=True, memory_size="1KiB")
 
-    kv = saved_kv(cluster_shelf(), namespace, tokens)
+    writer = cluster_shelf()
+    kv = saved_kv(writer, namespace, tokens)
     sizes = [node.client().dbsize() for node in redis_cluster.nodes]
     assert all(size > 0 for size in sizes) and sum(sizes) == 30 + 1  # + the namespace description
     reader = cluster_shelf()
@@ -241,9 +291,9 @@ def test_cluster_spreads_chunks_and_losing_a_node_loses_only_its_keys(redis_clus
     for node in survivors:
         held_by_survivors |= {name.decode() for name in node.client().keys("*")}
     lost.kill()
-    keys = chunk_keys(tokens, namespace, CHUNK_SIZE)
+    keys = writer.chunk_keys(tokens, namespace)
     tier = tier_of(redis_cluster.urls, redis_cluster=True)
-    expected = [f"kvshelf:{namespace.id}:{k.hex}" in held_by_survivors for k in keys]
+    expected = [redis_name(k) in held_by_survivors for k in keys]
     assert tier.contains_each(keys) == expected
     chunks = tier.get_many(keys)
     assert [chunk is not None for chunk in chunks] == expected

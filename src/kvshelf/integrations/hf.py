@@ -7,8 +7,13 @@ token is always computed, since its logits pick the first output token.
     engine = HFEngine(model, tokenizer, Shelf.from_config(), model_id="my-model@rev")
     result = engine.generate([{"role": "user", "content": "..."}], max_new_tokens=64)
     result.text, result.hit_tokens, result.ttft_s
+
+A loaded chunk that does not fit the model's cache (another shape or dtype), or a shelf that
+raises while loading, is a miss from that chunk on: the rest is recomputed, never an exception;
+a shelf that raises while saving is logged, and the answer returned all the same.
 """
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,10 +23,13 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from kvshelf.blend.engine import Blender, BlendSettings, BlendStats, split_prompt
+from kvshelf.fingerprint import module_fingerprint
 from kvshelf.keys import Namespace
 from kvshelf.layout import DTYPE_NAMES, KVLayout
+from kvshelf.ports import QuietLog
 from kvshelf.shelf import Shelf
 
+logger = logging.getLogger(__name__)
 Prompt = str | Sequence[dict] | Sequence[int]
 
 
@@ -57,7 +65,8 @@ class HFEngine:
 
     `shelf=None` runs the same code without any cache: the reference for correctness tests.
     `model_id` must name the model *and its weights* (two checkpoints of one architecture
-    must not share KV); it defaults to the model's `name_or_path`.
+    must not share KV); it defaults to a fingerprint of the weights in memory and the config
+    (kvshelf.fingerprint.module_fingerprint).
     """
 
     def __init__(
@@ -70,9 +79,10 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.shelf = shelf
-        self.model_id = model_id or model.config.name_or_path
+        self.model_id = model_id or module_fingerprint(model, model.config.to_dict(), model.config.name_or_path)
         self.layout = layout_of(model)
         self._check_cache_layers()
+        self._log = QuietLog(logger)
 
     def _check_cache_layers(self) -> None:
         layer_types = {type(layer) for layer in DynamicCache(config=self.model.config).layers}
@@ -175,19 +185,37 @@ class HFEngine:
         chunk_size = self.shelf.chunk_size
         # Leave the last prompt token to compute: its logits choose the first output token.
         usable_tokens = (len(token_ids) - 1) // chunk_size * chunk_size
-        if usable_tokens == 0 or self.shelf.lookup(token_ids, namespace) == 0:
-            return cache, 0
-        loaded = self.shelf.load(token_ids, namespace, usable_tokens)
-        if loaded.num_tokens == 0:
+        chunks = self._load_chunks(token_ids, namespace, usable_tokens) if usable_tokens else []
+        if not chunks:
             return cache, 0
         device = self.model.device
         # Each chunk (layers, 2, tokens, kv_heads, head_dim) -> per layer (1, kv_heads, tokens, head_dim) views.
-        per_head = [chunk.to(device).permute(0, 1, 3, 2, 4).unsqueeze(2) for chunk in loaded.chunks]
+        per_head = [chunk.to(device).permute(0, 1, 3, 2, 4).unsqueeze(2) for chunk in chunks]
         for layer_index in range(len(cache.layers)):
             cache.layers[layer_index] = ChunkedPrefixLayer(
                 [chunk[layer_index, 0] for chunk in per_head], [chunk[layer_index, 1] for chunk in per_head]
             )
-        return cache, loaded.num_tokens
+        return cache, len(chunks) * chunk_size
+
+    def _load_chunks(self, token_ids: list[int], namespace: Namespace, usable_tokens: int) -> list[torch.Tensor]:
+        """The leading stored chunks of the first `usable_tokens` that fit the model's cache: a chunk
+        of another shape or dtype, or a shelf that raises, is a miss from there on (recomputed)."""
+        try:
+            if self.shelf.lookup(token_ids, namespace) == 0:
+                return []
+            chunks = self.shelf.load(token_ids, namespace, usable_tokens).chunks
+        except Exception as exc:  # noqa: BLE001 - a failed load is a miss, never a failed generation
+            self._log.warning("error", "kvshelf: loading a prefix failed (%s: %s); recomputing it",
+                              type(exc).__name__, exc)
+            return []
+        expected = self.layout.shape(self.shelf.chunk_size)
+        for index, chunk in enumerate(chunks):
+            if tuple(chunk.shape) != expected or chunk.dtype != self.layout.torch_dtype:
+                self._log.warning("shape", "kvshelf: stored chunk %d is %s of %s, this model's cache takes %s of %s; "
+                                  "recomputing from there", index, tuple(chunk.shape), chunk.dtype, expected,
+                                  self.layout.torch_dtype)
+                return chunks[:index]
+        return chunks
 
     def _forward(self, new_ids: list[int], cache: DynamicCache) -> torch.Tensor:
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.model.device)
@@ -203,7 +231,11 @@ class HFEngine:
             begin = hit_tokens + index * chunk_size
             return cache_to_canonical(cache, begin, begin + chunk_size)
 
-        self.shelf.save_chunks(token_ids, namespace, chunk_at, start=hit_tokens)
+        try:
+            self.shelf.save_chunks(token_ids, namespace, chunk_at, start=hit_tokens)
+        except Exception as exc:  # noqa: BLE001 - the answer is computed; a failed save only costs a later hit
+            self._log.warning("save", "kvshelf: saving the prompt's KV failed (%s: %s); it is not stored",
+                              type(exc).__name__, exc)
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -18,6 +18,7 @@ the usable prefix ends there.
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -36,7 +37,7 @@ from redis.retry import Retry
 
 from kvshelf.config import RedisConfig
 from kvshelf.errors import TierUnavailable
-from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey, Namespace
+from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
 from kvshelf.tiers.base import Parts, Tier
 from kvshelf.tiers.redis_wire import send_commands
 
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 NAMESPACE_FIELD = "namespace"
 USAGE_REFRESH_S = 1.0
 SCAN_BATCH = 512
+_CHUNK_NAME_ID = re.compile(f"[0-9a-f]{{{NAMESPACE_ID_CHARS}}}")
+_CHUNK_NAME_KEY = re.compile("[0-9a-f]{64}")  # a 32-byte digest in hex
 # A Redis that restarted leaves dead pooled connections: retry once, at once, on a fresh one.
 _RETRY_ONCE = Retry(NoBackoff(), 1)
 
@@ -124,8 +127,9 @@ class RedisTier(Tier[bytes]):
     def _url(self, url: str) -> str:
         """`url` with redis.username / redis.password in place of its own, where they are set."""
         parts = urlsplit(url)
-        username = self.config.username if self.config.username is not None else parts.username
-        password = self.config.password if self.config.password is not None else parts.password
+        # The URL's own login is %-escaped; decoded here, so it is escaped once below, like the config's.
+        username = self.config.username if self.config.username is not None else _unquoted(parts.username)
+        password = self.config.password if self.config.password is not None else _unquoted(parts.password)
         login = quote(username or "", safe="") + (f":{quote(password, safe='')}" if password is not None else "")
         host = f"{parts.hostname}:{parts.port or 6379}"
         return parts._replace(netloc=f"{login}@{host}" if login else host).geturl()
@@ -286,13 +290,13 @@ class RedisTier(Tier[bytes]):
         names = [self._name(key) for key in keys]
         self._batch(names, lambda pipe, i: pipe.unlink(names[i]))
 
-    def note_namespace(self, namespace: Namespace) -> None:
-        if namespace.id in self._noted_namespace_ids:
+    def note_namespace(self, namespace_id: str, description: dict) -> None:
+        if namespace_id in self._noted_namespace_ids:
             return
-        name = f"{self._prefix}:{namespace.id}:{NAMESPACE_FIELD}".encode()
-        description = json.dumps(namespace.describe(), indent=2, sort_keys=True)
-        self._batch([name], lambda pipe, i: pipe.set(name, description, nx=True))
-        self._noted_namespace_ids.add(namespace.id)
+        name = f"{self._prefix}:{namespace_id}:{NAMESPACE_FIELD}".encode()
+        text = json.dumps(description, indent=2, sort_keys=True)
+        self._batch([name], lambda pipe, i: pipe.set(name, text, nx=True))
+        self._noted_namespace_ids.add(namespace_id)
 
     def refresh_usage(self, force: bool = False) -> None:
         """Redis's own used and maximum memory and evicted keys, summed over nodes; at most once a second."""
@@ -319,24 +323,37 @@ class RedisTier(Tier[bytes]):
     # -- for tools: list, read and clear what is stored -------------------------------------------
 
     def iter_names(self, namespace_id: str | None = None) -> Iterator[tuple[str, ChunkKey | None]]:
-        """Every stored name under the prefix (or one namespace), with its chunk key (None if not a chunk)."""
+        """Every stored name under the prefix (or one namespace), with its chunk key (None if not a chunk).
+
+        Anyone who can write to the Redis can store any bytes under the prefix: a name that is not
+        UTF-8 (kvshelf never writes one) comes out printable, its odd bytes as \\xNN, and not a chunk's.
+        """
+        for raw_name in self._scan(namespace_id):
+            try:
+                name = raw_name.decode()
+            except UnicodeDecodeError:
+                yield raw_name.decode(errors="backslashreplace"), None
+                continue
+            yield name, self.key_of(name)
+
+    def _scan(self, namespace_id: str | None) -> Iterator[bytes]:
+        """Every stored name under the prefix (or one namespace), as Redis holds it."""
         self.connect()
         pattern = f"{self._prefix}:{namespace_id or '*'}:*"
         for node in list(self._nodes.values()):
             with _redis_errors_as_unavailable(node.name):
-                for raw_name in node.client.scan_iter(match=pattern, count=SCAN_BATCH):
-                    name = raw_name.decode()
-                    yield name, self.key_of(name)
+                yield from node.client.scan_iter(match=pattern, count=SCAN_BATCH)
 
     def key_of(self, name: str) -> ChunkKey | None:
+        """The chunk key of a name as `_name` writes it; None for anything else (descriptions, strays)."""
         parts = name.split(":")
-        if len(parts) != 3 or len(parts[1]) != NAMESPACE_ID_CHARS or parts[2] == NAMESPACE_FIELD:
+        if len(parts) != 3 or parts[0] != self._prefix:
             return None
-        try:
-            digest = bytes.fromhex(parts[2])
-        except ValueError:
+        namespace_id, key_hex = parts[1:]
+        # Exactly the digits `_name` writes: a name in another spelling is not the chunk's.
+        if not _CHUNK_NAME_ID.fullmatch(namespace_id) or not _CHUNK_NAME_KEY.fullmatch(key_hex):
             return None
-        return ChunkKey(parts[1], digest) if len(digest) == 32 else None
+        return ChunkKey(namespace_id, bytes.fromhex(key_hex))
 
     def sizes(self, names: Sequence[str]) -> list[int]:
         raw = [name.encode() for name in names]
@@ -355,9 +372,9 @@ class RedisTier(Tier[bytes]):
 
     def clear(self, namespace_id: str) -> int:
         """Remove one namespace's chunks and description; returns how many names were removed."""
-        names = [name for name, _ in self.iter_names(namespace_id)]
+        names = list(self._scan(namespace_id))  # as Redis holds them: not every name is UTF-8
         for start in range(0, len(names), SCAN_BATCH):
-            batch = [name.encode() for name in names[start : start + SCAN_BATCH]]
+            batch = names[start : start + SCAN_BATCH]
             self._batch(batch, lambda pipe, i, batch=batch: pipe.unlink(batch[i]))
         return len(names)
 
@@ -379,6 +396,10 @@ class RedisTier(Tier[bytes]):
         if self._cluster is not None:
             self._cluster.close()
         self._nodes, self._cluster, self._pool = {}, None, None
+
+
+def _unquoted(text: str | None) -> str | None:
+    return unquote(text) if text is not None else None
 
 
 def _failed(outcome: Any) -> bool:

@@ -1,16 +1,24 @@
 """What both halves of the connector derive from vLLM's config: the shelf, the namespace."""
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from kvshelf.config import ShelfConfig, load_config
+from kvshelf.fingerprint import FingerprintCache, is_local_model, model_identity
 from kvshelf.keys import Namespace
 from kvshelf.layout import DTYPE_NAMES, KVLayout
 
 # extra_config keys that are not kvshelf config keys.
 CONFIG_FILE_KEY = "config_file"
 MODEL_ID_KEY = "model_id"
+
+logger = logging.getLogger(__name__)
+
+# request_namespace runs per request in the scheduler: an adapter is re-read only when its files change.
+_ADAPTER_FINGERPRINTS = FingerprintCache()
+_unfingerprinted_adapters: set[str] = set()
 
 
 def shelf_config(extra_config: dict[str, Any]) -> ShelfConfig:
@@ -46,7 +54,7 @@ def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str,
         head_dim=model_config.get_head_size(),
         dtype=_kv_dtype_name(vllm_config),
     )
-    model_id = extra_config.get(MODEL_ID_KEY) or f"{model_config.model}@{model_config.revision or 'local'}"
+    model_id = extra_config.get(MODEL_ID_KEY) or default_model_id(model_config, vllm_config.load_config)
     namespace = Namespace(
         model_id,
         layout,
@@ -57,6 +65,35 @@ def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str,
         extra=(("engine", "vllm"), ("kv-order", "tokens")),
     )
     return EngineFacts(namespace, vllm_config.cache_config.block_size)
+
+
+def default_model_id(model_config: Any, load_config: Any) -> str:
+    """What the weights are, from their content (kvshelf.fingerprint); `model_id` overrides it."""
+    revision = model_config.revision
+    weights_url = getattr(model_config, "model_weights", "")
+    if weights_url:  # streamed from object storage: the local directory holds no weights
+        return model_identity(weights_url, revision)
+    model_path = _local_snapshot(model_config.model, revision, getattr(load_config, "download_dir", None))
+    model_id = model_identity(model_path, revision)
+    tokenizer = model_config.tokenizer
+    if tokenizer and tokenizer != model_config.model:
+        tokenizer_revision = getattr(model_config, "tokenizer_revision", None)
+        tokenizer_id = model_identity(_local_snapshot(tokenizer, tokenizer_revision, None), tokenizer_revision)
+        model_id += "+tokenizer=" + tokenizer_id
+    return model_id
+
+
+def _local_snapshot(name_or_path: str, revision: str | None, cache_dir: str | None) -> str:
+    """A hub name's snapshot in the local HuggingFace cache (vLLM downloaded it there before the
+    connector starts); the name itself when it is a path or not cached."""
+    if is_local_model(name_or_path):
+        return name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception:  # not a hub name, not cached, or no huggingface_hub: model_identity names it instead
+        return name_or_path
 
 
 def _kv_dtype_name(vllm_config: Any) -> str:
@@ -73,8 +110,24 @@ def _kv_dtype_name(vllm_config: Any) -> str:
 def request_namespace(base: Namespace, request: Any) -> Namespace:
     """The namespace of one request: its LoRA adapter and tenant salt change what KV it may share."""
     lora = request.lora_request
-    lora_id = f"{lora.lora_name}:{lora.lora_path}" if lora is not None else None
+    lora_id = f"{lora.lora_name}:{adapter_identity(lora.lora_path)}" if lora is not None else None
     return dataclasses.replace(base, lora_id=lora_id, cache_salt=request.cache_salt)
+
+
+def adapter_identity(lora_path: str) -> str:
+    """A LoRA adapter's content fingerprint when it is local; else its path (warned about once)."""
+    if is_local_model(lora_path):
+        try:
+            return _ADAPTER_FINGERPRINTS.fingerprint(lora_path)
+        except (OSError, ValueError) as exc:  # no adapter files in it, or rewritten while read
+            reason = str(exc)
+    else:
+        reason = "not a local path"
+    if lora_path not in _unfingerprinted_adapters:
+        _unfingerprinted_adapters.add(lora_path)
+        logger.warning("kvshelf cannot fingerprint the LoRA adapter %r (%s); its KV is named by the path, so an "
+                       "adapter changed under it would load stale KV", lora_path, reason)
+    return lora_path
 
 
 def mm_hashes(request: Any) -> list[tuple[int, bytes]]:
