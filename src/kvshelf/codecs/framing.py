@@ -7,7 +7,8 @@ The tag authenticates the key digest the object is stored under, the header and 
 (see `Keyring.tag`: keyed blake3, or an xxh3-128 checksum with `security.key: none`). So a
 flipped byte anywhere, an object copied to another key, or one forged without the secret is
 caught before anything is decoded. With the ENCRYPTED flag the payload is sealed with
-AES-GCM (`Keyring.seal`) and the tag covers the sealed bytes.
+AES-256-GCM (`Keyring.seal`), whose own tag authenticates the key digest and header too: the tag
+field then holds the nonce, and no second MAC is computed.
 
 Nothing in a header is trusted: `unframe` checks the declared shape and dtype against what the
 caller expects (the namespace's layout and the chunk's token count) before a codec allocates.
@@ -23,7 +24,7 @@ import torch
 from kvshelf.codecs.base import Codec
 from kvshelf.errors import CorruptChunk, ForeignChunk, UnknownCodec
 from kvshelf.layout import DTYPE_NAMES, DTYPES, KVLayout
-from kvshelf.security import TAG_BYTES, Keyring
+from kvshelf.security import GCM_TAG_BYTES, NONCE_BYTES, TAG_BYTES, Keyring
 
 MAGIC = b"KVSH"
 FORMAT_VERSION = 2
@@ -61,12 +62,11 @@ def frame_parts(
     payload = codec.encode(kv)
     flags = ENCRYPTED if encrypt else 0
     dtype_code = _DTYPE_CODES[DTYPE_NAMES[kv.dtype]]
+    payload_bytes = memoryview(payload).nbytes + (GCM_TAG_BYTES if encrypt else 0)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec.id, dtype_code, flags, *kv.shape, payload_bytes)
     if encrypt:
-        sealed_length = len(memoryview(payload).cast("B")) + 12 + 16  # nonce and GCM tag around it
-        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec.id, dtype_code, flags, *kv.shape, sealed_length)
-        payload = keyring.seal(payload, key_digest + prefix)
-    else:
-        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec.id, dtype_code, flags, *kv.shape, len(payload))
+        nonce, payload = keyring.seal(payload, key_digest + prefix)
+        return [prefix + nonce.ljust(TAG_BYTES, b"\0"), payload]
     return [prefix + keyring.tag(key_digest, prefix, payload), payload]
 
 
@@ -80,12 +80,12 @@ def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring, e
     return b"".join(frame_parts(kv, key_digest, codec, keyring, encrypt))
 
 
-def verify(blob: bytes | bytearray | memoryview, key_digest: bytes, keyring: Keyring) -> tuple:
-    """Check an object's framing and tag without decoding it (the push receiver does this on arrival).
-
-    Returns the header fields (codec id, dtype code, flags, shape); raises CorruptChunk, or
-    ForeignChunk for another format version.
-    """
+def verify(
+    blob: bytes | bytearray | memoryview, key_digest: bytes, keyring: Keyring
+) -> tuple[int, int, tuple[int, ...], memoryview]:
+    """Check an object's framing and authenticity without decoding it (the push receiver does this
+    on arrival). Returns the codec id, dtype code, shape and the (decrypted) payload; raises
+    CorruptChunk, or ForeignChunk for another format version or unknown flags."""
     view = memoryview(blob).cast("B")
     if view.nbytes < HEADER_BYTES:
         raise CorruptChunk(f"object of {view.nbytes} bytes is shorter than the {HEADER_BYTES}-byte header")
@@ -96,8 +96,14 @@ def verify(blob: bytes | bytearray | memoryview, key_digest: bytes, keyring: Key
         raise ForeignChunk(f"object format version {version}; this kvshelf reads version {FORMAT_VERSION}")
     if view.nbytes != HEADER_BYTES + payload_bytes:
         raise CorruptChunk(f"object has {view.nbytes - HEADER_BYTES} payload bytes, header says {payload_bytes}")
-    keyring.check_tag(view[_PREFIX.size : HEADER_BYTES], key_digest, view[: _PREFIX.size], view[HEADER_BYTES:])
-    return codec_id, dtype_code, flags, tuple(shape)
+    if flags & ~KNOWN_FLAGS:
+        raise ForeignChunk(f"object has flags {flags:#x} this version of kvshelf does not know")
+    prefix, tag, payload = view[: _PREFIX.size], view[_PREFIX.size : HEADER_BYTES], view[HEADER_BYTES:]
+    if flags & ENCRYPTED:
+        payload = memoryview(keyring.open(bytes(tag[:NONCE_BYTES]), payload, key_digest + bytes(prefix)))
+    else:
+        keyring.check_tag(tag, key_digest, prefix, payload)
+    return codec_id, dtype_code, tuple(shape), payload
 
 
 def unframe(
@@ -109,19 +115,13 @@ def unframe(
 ) -> torch.Tensor:
     """The chunk stored in `blob`; raises CorruptChunk unless it is authentic, stored under
     `key_digest` and shaped as `expected`, or ForeignChunk if a newer kvshelf wrote it."""
-    view = memoryview(blob).cast("B")
-    codec_id, dtype_code, flags, shape = verify(view, key_digest, keyring)
-    if flags & ~KNOWN_FLAGS:
-        raise ForeignChunk(f"object has flags {flags:#x} this version of kvshelf does not know")
-    if codec_id not in codecs:
+    codec_id, dtype_code, shape, payload = verify(blob, key_digest, keyring)
+    if codec_id not in codecs:  # authentic: a newer kvshelf of this format wrote it
         raise UnknownCodec(f"codec id {codec_id} is unknown to this version of kvshelf")
     if dtype_code not in _DTYPE_BY_CODE:
         raise CorruptChunk(f"dtype code {dtype_code} is unknown")
     dtype = _DTYPE_BY_CODE[dtype_code]
     expected.check(shape, dtype)
-    payload = view[HEADER_BYTES:]
-    if flags & ENCRYPTED:
-        payload = memoryview(keyring.open(payload, key_digest + bytes(view[: _PREFIX.size])))
     codec = codecs[codec_id]
     try:
         return codec.decode(payload, shape, dtype)

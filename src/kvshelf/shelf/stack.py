@@ -11,6 +11,7 @@ caller both are simply missing.
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ class TierStack:
         self._counters = counters
         self._backoff_s = backoff_s
         self._keyring = keyring
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="kvshelf-verify")
 
     @property
     def tiers(self) -> list[Tier]:
@@ -102,30 +104,53 @@ class TierStack:
         return prefix
 
     def _read(self, slot: LowerTier, keys: list[ChunkKey], expected: list[Expected]) -> list[torch.Tensor | None]:
-        started_s = time.perf_counter()
-        blobs = self._guarded(slot, READ, [None] * len(keys), slot.tier.get_many, keys)
-        slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
+        """Read `keys` group by group (the tier's `read_group_chunks`), each group verified and decoded
+        on the verifier thread while the next one is read: the MAC's cost hides behind the reading."""
+        group_size = slot.tier.read_group_chunks or len(keys)
+        pending = []
+        for start in range(0, len(keys), group_size):
+            group = keys[start : start + group_size]
+            started_s = time.perf_counter()
+            blobs = self._guarded(slot, READ, [None] * len(group), slot.tier.get_many, group)
+            slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
+            pending.append(self._verifier.submit(self._unframe_each, group, blobs, expected[start : start + group_size]))
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
-        for key, blob, expect in zip(keys, blobs, expected):
-            chunk = None
-            if blob is not None:
-                try:
-                    started_s = time.perf_counter()
-                    chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect)
-                    slot.codecs.note_decoded(codec_id_of(blob), chunk.nbytes, time.perf_counter() - started_s)
-                    self._counters.loaded_bytes[slot.tier.name] += len(blob)
-                except ForeignChunk as exc:
-                    logger.info("kvshelf: leaving chunk %s in %s alone: %s", key.hex, slot.tier.name, exc)
-                    self._counters.foreign_chunks[slot.tier.name] += 1
-                except CorruptChunk as exc:
-                    logger.warning("kvshelf: dropping damaged chunk %s from %s: %s", key.hex, slot.tier.name, exc)
-                    self._counters.corrupt_chunks[slot.tier.name] += 1
-                    corrupt_keys.append(key)
-            chunks.append(chunk)
+        for key, outcome in zip(keys, (outcome for future in pending for outcome in future.result())):
+            if isinstance(outcome, ForeignChunk):
+                logger.info("kvshelf: leaving chunk %s in %s alone: %s", key.hex, slot.tier.name, outcome)
+                self._counters.foreign_chunks[slot.tier.name] += 1
+            elif isinstance(outcome, CorruptChunk):
+                logger.warning("kvshelf: dropping damaged chunk %s from %s: %s", key.hex, slot.tier.name, outcome)
+                self._counters.corrupt_chunks[slot.tier.name] += 1
+                corrupt_keys.append(key)
+            elif outcome is not None:
+                chunk, blob_bytes, codec_id, decode_s = outcome
+                slot.codecs.note_decoded(codec_id, chunk.nbytes, decode_s)
+                self._counters.loaded_bytes[slot.tier.name] += blob_bytes
+            chunks.append(outcome[0] if isinstance(outcome, tuple) else None)
         if corrupt_keys:
             self._guarded(slot, WRITE, None, slot.tier.delete, corrupt_keys)
         return chunks
+
+    def _unframe_each(
+        self, keys: Sequence[ChunkKey], blobs: Sequence[Any], expected: Sequence[Expected]
+    ) -> list[tuple[torch.Tensor, int, int, float] | CorruptChunk | None]:
+        """Per blob: (chunk, stored bytes, codec id, decode seconds), the CorruptChunk it raised, or
+        None if missing. Runs on the verifier thread; the caller counts."""
+        outcomes: list[tuple[torch.Tensor, int, int, float] | CorruptChunk | None] = []
+        for key, blob, expect in zip(keys, blobs, expected):
+            if blob is None:
+                outcomes.append(None)
+                continue
+            started_s = time.perf_counter()
+            try:
+                chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect)
+            except CorruptChunk as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append((chunk, len(blob), codec_id_of(blob), time.perf_counter() - started_s))
+        return outcomes
 
     def write_lower(
         self, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace, store_seconds: Histogram
@@ -183,5 +208,6 @@ class TierStack:
             return fallback
 
     def close(self) -> None:
+        self._verifier.shutdown()
         for tier in self.tiers:
             tier.close()

@@ -35,6 +35,9 @@ class TierCounters:
 class Tier(ABC, Generic[Value]):
     name: str
     shared = False  # True: every instance reads the same store (so it says nothing about where KV is)
+    # Chunks per get_many when a load reads many: the stack verifies one group while reading the next.
+    # None: all at once (a tier whose reads cost nothing to overlap).
+    read_group_chunks: int | None = None
 
     def __init__(self, capacity_bytes: int) -> None:
         self.counters = TierCounters()

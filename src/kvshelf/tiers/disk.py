@@ -301,6 +301,7 @@ def _open_root(root: Path, mode: str) -> int:
 
 class DiskTier(Tier[memoryview]):
     name = "disk"
+    read_group_chunks = 1  # one file is one read: verify it while the next is read
 
     def __init__(
         self,

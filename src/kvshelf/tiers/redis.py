@@ -88,6 +88,7 @@ class _Node:
 class RedisTier(Tier[bytes]):
     name = "redis"
     shared = True
+    read_group_chunks = 2  # a pipeline of two chunks: round trips amortized, verification overlapped
 
     def __init__(self, config: RedisConfig, backoff_s: float) -> None:
         super().__init__(capacity_bytes=0)  # Redis's maxmemory, read by connect(); 0 = no limit
