@@ -25,9 +25,15 @@ from kvshelf.disagg.proxy import (
     parse_instance,
     prefill_request,
 )
+from kvshelf.ports import sign_push_to
+from kvshelf.security import Keyring
 
 TOKEN_IDS = [101, 7, 8, 9]  # what every stand-in's /tokenize answers
 NO_HEALTH_ROUNDS = 3600.0  # only the round at start-up runs during a test
+ADMIN_KEY = "operators-only"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+KEYRING = Keyring(b"the proxy tests' deployment secret")  # the proxy's and its instances' lookup ports'
+DECODE_KV = "tcp://127.0.0.1:5999"
 
 
 class FakeInstance:
@@ -90,12 +96,15 @@ class FakeInstance:
 
 
 class FakeLookup:
-    """A kvshelf routing-lookup endpoint holding `held_tokens` of every prompt; keeps the questions."""
+    """A kvshelf routing-lookup endpoint holding `held_tokens` of every prompt; keeps the questions.
+    A CURVE server with the deployment's server key, as kvshelf's (which also checks the client's key)."""
 
     def __init__(self, context: zmq.asyncio.Context, held_tokens: int) -> None:
         self.held_tokens = held_tokens
         self.questions: list[tuple[dict, list[int]]] = []
         self.socket = context.socket(zmq.REP)
+        self.socket.curve_secretkey = KEYRING.curve_keys("server")[1]
+        self.socket.curve_server = True
         self.socket.bind("tcp://127.0.0.1:*")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._task = asyncio.create_task(self._serve())
@@ -140,8 +149,15 @@ class Cluster:
         return fake
 
     async def proxy(self, **config) -> TestClient:
-        config = ProxyConfig(health_interval_s=NO_HEALTH_ROUNDS, **config)
-        return await self._stack.enter_async_context(TestClient(TestServer(build_app(config), host="127.0.0.1")))
+        config = ProxyConfig(**{"health_interval_s": NO_HEALTH_ROUNDS, "admin_key": ADMIN_KEY, **config})
+        app = build_app(config, KEYRING)
+        return await self._stack.enter_async_context(TestClient(TestServer(app, host="127.0.0.1")))
+
+
+async def read_stats(proxy: TestClient) -> dict:
+    answer = await proxy.get("/proxy/stats", headers=ADMIN)
+    assert answer.status == 200
+    return await answer.json()
 
 
 def unused_port() -> int:
@@ -209,20 +225,24 @@ def test_config_from_command_line_and_environment():
         ["--prefill", "http://p:1,lookup=tcp://p:2", "--decode", "http://d:1,kv=tcp://d:3", "--decode", "http://e:1,kv=tcp://e:3",
          "--channel", "push", "--routing", "round-robin"]
     )
-    config = config_from_args(args, environ={"KVSHELF_PROXY_API_KEY": "sesame"})
+    environ = {"KVSHELF_PROXY_API_KEY": "sesame", "KVSHELF_PROXY_ADMIN_KEY": "admin"}
+    config = config_from_args(args, environ=environ)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert config.prefill == (Instance("http://p:1", lookup="tcp://p:2"),)
     assert [instance.kv for instance in config.decode] == ["tcp://d:3", "tcp://e:3"]
-    assert (config.channel, config.routing, config.api_key) == ("push", "round-robin", "sesame")
+    assert (config.channel, config.routing) == ("push", "round-robin")
+    assert (config.api_key, config.admin_key) == ("sesame", "admin")
     assert (config.health_interval_s, config.timeout_s) == (2.0, 600.0)
-    colocated = parser.parse_args(["--instance", "http://i:1", "--api-key", "k"])
-    assert config_from_args(colocated, environ={}).api_key == "k"
+    colocated = parser.parse_args(["--instance", "http://i:1", "--api-key", "k", "--admin-key", "a"])
+    from_options = config_from_args(colocated, environ={})
+    assert (from_options.api_key, from_options.admin_key) == ("k", "a")
 
 
 # -- the proxy at work --
 
 
-@pytest.mark.parametrize("channel, kvshelf_params", [("tier", {}), ("push", {"push_to": "tcp://127.0.0.1:5999"})])
+@pytest.mark.parametrize("channel, kvshelf_params", [
+    ("tier", {}), ("push", {"push_to": DECODE_KV, "push_to_sig": sign_push_to(KEYRING, DECODE_KV)})])
 def test_disaggregated_sends_a_one_token_prefill_then_the_request_to_decode(channel, kvshelf_params):
     asyncio.run(_disaggregated(channel, kvshelf_params))
 
@@ -230,7 +250,7 @@ def test_disaggregated_sends_a_one_token_prefill_then_the_request_to_decode(chan
 async def _disaggregated(channel: str, kvshelf_params: dict) -> None:
     async with Cluster() as cluster:
         prefill = await cluster.instance("prefill")
-        decode = await cluster.instance("decode", kv="tcp://127.0.0.1:5999")
+        decode = await cluster.instance("decode", kv=DECODE_KV)
         proxy = await cluster.proxy(prefill=(prefill.instance,), decode=(decode.instance,), channel=channel)
         body = {"model": "m", "prompt": "hello there", "max_tokens": 20, "n": 1}
         answer = await proxy.post("/v1/completions", json=body)
@@ -297,14 +317,12 @@ async def _kv_aware() -> None:
                 for _ in range(3)] == [c.url, a.url, b.url]
         assert a.requests[-1] == ("/tokenize", {"model": "m", "messages": messages, "add_generation_prompt": True})
 
-        stats = await (await proxy.get("/proxy/stats")).json()
-        assert [(d["instance"], d["held_tokens"], d["reason"]) for d in stats["recent_decisions"]] == [
-            (b.url, 30, "kv-aware"), (a.url, 30, "kv-aware-tie"), (b.url, 30, "kv-aware-tie"),
-            (c.url, 0, "no-hit"), (a.url, 0, "no-hit"), (b.url, 0, "no-hit"),
-        ]
+        stats = await read_stats(proxy)
         reasons = {"kv-aware": 1, "kv-aware-tie": 2, "no-hit": 3, "tokenize-failed": 0, "round-robin": 0}
         assert stats["decisions"] == reasons
         assert (stats["kv_aware_hits"], stats["kv_aware_fallbacks"]) == (3, 3)
+        # 30 + 30 + 30 held tokens for the hits, 0 for the three misses
+        assert (stats["held_tokens_total"], stats["held_tokens_mean"]) == (90, 15.0)
         assert stats["instances"][b.url] == {"role": "colocated", "healthy": True, "requests": 3, "failures": 0}
 
 
@@ -341,7 +359,7 @@ async def _failures() -> None:
         assert answer.status == 200 and await answer.json() == {"text": "answer from decode"}
         assert (answer.headers["x-kvshelf-prefill"], answer.headers["x-kvshelf-instance"]) == ("none", decode.url)
         assert failing_decode.requests == decode.requests == [("/v1/completions", body)]
-        stats = await (await proxy.get("/proxy/stats")).json()
+        stats = await read_stats(proxy)
         assert stats["instances"][dead.url]["healthy"] is False
         failures = {url: instance["failures"] for url, instance in stats["instances"].items()}
         failed = [hanging_up, failing_prefill, failing_decode, decode]
@@ -379,9 +397,9 @@ async def _api_key() -> None:
             answer = await proxy.get("/v1/models", headers=headers)
             assert answer.status == 401
             assert (await answer.json())["error"]["type"] == "authentication_error"
-        assert (await proxy.get("/proxy/stats")).status == 401
         assert (await proxy.get("/health")).status == 200
         key = {"Authorization": "Bearer sesame"}
+        assert (await proxy.get("/proxy/stats", headers=key)).status == 401  # the admin key's alone
         models = await proxy.get("/v1/models", headers=key)
         assert await models.json() == {"data": [{"id": "m"}]}
         assert models.headers["x-kvshelf-instance"] == instance.url
@@ -411,7 +429,7 @@ async def _long_stream() -> None:
         proxy = await cluster.proxy(prefill=(prefill.instance,), decode=(decode.instance,), timeout_s=0.5)
         answer = await proxy.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
         assert await answer.content.read() == b"".join(decode.events()) + b"data: [DONE]\n\n"
-        stats = await (await proxy.get("/proxy/stats")).json()
+        stats = await read_stats(proxy)
         assert stats["instances"][decode.url]["healthy"] and stats["instances"][decode.url]["failures"] == 0
 
 

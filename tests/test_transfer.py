@@ -18,14 +18,24 @@ from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES
 from kvshelf.disagg import transfer
 from kvshelf.disagg.transfer import KVPusher, KVReceiver, TransferCounters
-from kvshelf.keys import ChunkKey, chunk_keys
+from kvshelf.keys import ChunkKey
+from kvshelf.keys import chunk_keys as keyed_chunk_keys
+from kvshelf.ports import secure_client
+from kvshelf.security import Keyring
 from kvshelf.tiers.inbox import InboxTier
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 
 TOKENS = list(range(200, 210))  # 2 full chunks of 4 and a tail of 2
-CHUNK_FRAMED_BYTES = HEADER_BYTES + LAYOUT.bytes_per_token * CHUNK_SIZE
+CHUNK_BYTES = LAYOUT.bytes_per_token * CHUNK_SIZE
+CHUNK_FRAMED_BYTES = HEADER_BYTES + CHUNK_BYTES
+SECRET = "transfer-tests-" + "s" * 32  # the deployment secret of every shelf, pusher and peer here
+KEYRING = Keyring.from_config(load_config(environ={}, security_key=SECRET).security)
 TIMEOUT_S = 0.5
 REPLY_TIMEOUT_MS = 5000
+
+
+def chunk_keys(token_ids, namespace, chunk_size, tail=False):
+    return keyed_chunk_keys(token_ids, namespace, chunk_size, tail=tail, keyring=KEYRING)
 
 
 def loopback() -> str:
@@ -42,10 +52,13 @@ class Receiving:
 
     def __init__(self, **overrides) -> None:
         self.address = overrides.pop("address", None) or loopback()
-        self.shelf = Shelf(load_config(environ={}, chunk_size=CHUNK_SIZE, pd_receive_address=self.address, **overrides))
+        config = load_config(environ={}, chunk_size=CHUNK_SIZE, pd_receive_address=self.address, security_key=SECRET,
+                             **overrides)
+        self.shelf = Shelf(config)
         self.counters = TransferCounters()
         try:
-            self.receiver = KVReceiver(self.shelf.inbox, self.address, self.shelf.held_nearby, self.counters)
+            self.receiver = KVReceiver(self.shelf.inbox, self.address, self.shelf.held_nearby, self.counters,
+                                       self.shelf.keyring, CHUNK_BYTES)
         except ValueError:
             self.shelf.close()
             raise
@@ -77,7 +90,7 @@ def make_receiving(opened):
 @pytest.fixture
 def make_pusher(opened):
     def make(timeout_s: float = 5.0) -> KVPusher:
-        pusher = KVPusher(timeout_s, TransferCounters())
+        pusher = KVPusher(timeout_s, TransferCounters(), KEYRING)
         opened.append(pusher)
         return pusher
 
@@ -86,11 +99,12 @@ def make_pusher(opened):
 
 @pytest.fixture
 def raw_dealer(opened):
-    """A bare DEALER socket speaking the wire format by hand: [seq, op, JSON header, *parts]."""
+    """A bare DEALER socket holding the secret, speaking the wire format by hand: [seq, op, JSON header, *parts]."""
 
     def connect(address: str) -> zmq.Socket:
         socket = zmq.Context.instance().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        secure_client(socket, KEYRING)
         socket.connect(address)
         opened.append(socket)
         return socket
@@ -258,7 +272,7 @@ def test_held_nearby_sees_memory_and_inbox(make_receiving, namespace):
     parts = chunks_of(random_kv(len(TOKENS)))
     keys = chunk_keys(TOKENS, namespace, CHUNK_SIZE, tail=True)
     shelf.save_chunks(TOKENS[:4], namespace, parts.__getitem__)
-    shelf.inbox.put_many([(keys[2], frame_parts(parts[2], keys[2].digest, CODECS["raw"]))])
+    shelf.inbox.put_many([(keys[2], frame_parts(parts[2], keys[2].digest, CODECS["raw"], KEYRING))])
     assert shelf.held_nearby(keys) == [True, False, True]
 
 
@@ -365,29 +379,33 @@ def test_receiver_address_in_use_is_a_clear_error(make_receiving):
 
 
 @pytest.mark.parametrize("damage", ["flip", "other_key"])
-def test_damaged_pushed_chunk_is_a_counted_miss(make_receiving, make_pusher, raw_dealer, namespace, damage):
+def test_damaged_pushed_chunk_is_refused_on_arrival_and_never_stored(
+    make_receiving, make_pusher, raw_dealer, namespace, damage
+):
     receiving = make_receiving()
     kv = random_kv(8)
     parts = chunks_of(kv)
     keys = chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE)
     assert make_pusher().push(receiving.address, keys[:1], parts.__getitem__)
     if damage == "flip":
-        header, payload = frame_parts(parts[1], keys[1].digest, CODECS["raw"])
+        header, payload = frame_parts(parts[1], keys[1].digest, CODECS["raw"], KEYRING)
         damaged = bytearray(payload)
         damaged[len(damaged) // 2] ^= 0x10
         frames = [header, bytes(damaged)]
     else:  # a whole, valid object framed under chunk 0's key
-        frames = frame_parts(parts[1], keys[0].digest, CODECS["raw"])
+        frames = frame_parts(parts[1], keys[0].digest, CODECS["raw"], KEYRING)
     socket = raw_dealer(receiving.address)
-    assert ask(socket, 1, [b"put", keys_json(keys[1]), *frames]) == (struct.pack("<Q", 1), b"ok", None)
+    refused = (struct.pack("<Q", 1), b"error", "refused 1 of 1 chunks that failed verification")
+    assert ask(socket, 1, [b"put", keys_json(keys[1]), *frames]) == refused
+    assert (receiving.counters.received_corrupt_chunks, receiving.counters.received_chunks) == (1, 1)
     shelf = receiving.shelf
-    assert shelf.lookup(TOKENS[:8], namespace) == 8  # stored, not yet checked
-    loaded = shelf.load(TOKENS[:8], namespace, upto=8)
-    assert loaded.num_tokens == 4
-    assert torch.equal(loaded.kv(), kv[:, :, :4])
-    assert shelf.stats()["tiers"]["inbox"]["corrupt_chunks"] == 1
-    assert len(shelf.inbox) == 0
+    assert len(shelf.inbox) == 1  # only the genuine chunk 0
     assert shelf.lookup(TOKENS[:8], namespace) == 4
+    loaded = shelf.load(TOKENS[:8], namespace, upto=8)
+    assert torch.equal(loaded.kv(), kv[:, :, :4])
+    # The genuine chunk 1 is then accepted: the refused one never held its place.
+    assert make_pusher().push(receiving.address, keys, parts.__getitem__)
+    assert torch.equal(shelf.load(TOKENS[:8], namespace, upto=8).kv(), kv)
 
 
 @pytest.mark.parametrize(
@@ -429,7 +447,7 @@ def test_message_with_too_few_frames_gets_an_error_and_the_receiver_serves_on(
 
 
 def test_malformed_destination_is_a_counted_failure(make_pusher, namespace):
-    # The scheduler passes on any request-supplied push_to that starts with tcp:// (here the port is missing).
+    # A destination that is no tcp://host:port (here the port is missing) fails like an unreachable one.
     pusher = make_pusher(TIMEOUT_S)
     parts = chunks_of(random_kv(8))
     keys = chunk_keys(TOKENS[:8], namespace, CHUNK_SIZE)
@@ -452,7 +470,7 @@ def test_an_error_answer_to_an_offer_is_a_failed_push_not_an_exception(make_push
         raise RuntimeError("the receiving shelf broke")
 
     address = loopback()
-    receiver = KVReceiver(InboxTier(2**20, 60), address, held, TransferCounters())
+    receiver = KVReceiver(InboxTier(2**20, 60), address, held, TransferCounters(), KEYRING, CHUNK_BYTES)
     try:
         pusher = make_pusher(TIMEOUT_S)
         parts = chunks_of(random_kv(8))

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     redis_bench.add_argument("--repeats", type=int, default=5)
     redis_bench.add_argument("--num-docs", type=int, default=2, help="documents for the TTFT part; 0 skips it")
     redis_bench.add_argument("--doc-tokens", type=int, default=2048)
+    redis_bench.add_argument("--security-chunks", type=int, default=16,
+                             help="chunks per measurement of the security cost (save/load off, mac, mac+encrypt)")
+    redis_bench.add_argument("--security-chunk-tokens", type=int, default=128,
+                             help="tokens per chunk there (128: 5.9 MB, the bundled model's serving chunk)")
+    redis_bench.add_argument("--security-rounds", type=int, default=7, help="interleaved rounds; 0 skips the part")
     redis_bench.add_argument("--out", default="out/redis")
     redis_bench.set_defaults(handler=run_redis_bench)
 
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--disk-path", help="disk tier directory (default: $KVSHELF_HOME/disk)")
     serve.add_argument("--memory-size", help="memory tier budget, e.g. 2GiB")
     serve.add_argument("--chunk-size", type=int, help="tokens per chunk (a multiple of vLLM's block size)")
-    serve.add_argument("--redis-url", help="a Redis shared by every instance: redis://[user:password@]host:port/db")
+    serve.add_argument("--redis-url", help="a Redis shared by every instance: redis://[user:password@]host:port/db; "
+                       "the login reaches vLLM through its environment, not its command line (better still, keep it "
+                       "out of this one too: KVSHELF_REDIS_PASSWORD)")
     serve.add_argument("--role", choices=["both", "prefill", "decode"], default="both",
                        help="prefill/decode disaggregation: a prefill instance hands each prompt's KV to a decode one")
     serve.add_argument("--receive-address", help="decode role: accept KV pushed by prefill instances, tcp://host:port")
@@ -100,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` arguments")
     serve.set_defaults(handler=run_serve)
 
-    proxy = commands.add_parser("proxy", help="OpenAI-compatible proxy: prefill/decode split, KV-aware routing")
+    proxy = commands.add_parser(
+        "proxy", help="OpenAI-compatible proxy: prefill/decode split, KV-aware routing",
+        description="One OpenAI-compatible endpoint before vLLM instances. Clients use /v1/completions, "
+        "/v1/chat/completions and /v1/models (with --api-key: Authorization: Bearer <key>); /health is open; "
+        "/proxy/stats (aggregate counts, never one request's routing) needs the separate --admin-key.",
+    )
     from kvshelf.disagg.proxy import add_proxy_arguments
 
     add_proxy_arguments(proxy)
@@ -110,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     pd.add_argument("--port", type=int, default=8000, help="the proxy's port")
     pd.add_argument("--channel", choices=["push", "tier"], default="push",
                     help="push: KV straight into the decode instance; tier: through a shared Redis (--redis-url)")
-    pd.add_argument("--redis-url", help="the Redis both instances share (required with --channel tier)")
+    pd.add_argument("--redis-url", help="the Redis both instances share (required with --channel tier); a login in "
+                    "it reaches them through their environment (better still: KVSHELF_REDIS_PASSWORD)")
     pd.add_argument("--memory-size", default="2GiB", help="each instance's memory tier")
     pd.add_argument("--cpus", nargs=2, metavar=("PREFILL", "DECODE"),
                     help="cores for each instance's threads (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 1")
@@ -209,13 +222,14 @@ def _bundled_corpus():
 
 
 def run_redis_bench(args: argparse.Namespace) -> int:
-    from kvshelf.bench.redis_bench import redis_table
+    from kvshelf.bench.redis_bench import SecuritySpec, redis_table
     from kvshelf.bench.redis_bench import run_redis_bench as redis_bench
 
     out = Path(args.out)
+    security = SecuritySpec(args.security_chunks, args.security_chunk_tokens, args.security_rounds)
     summary = redis_bench(
         out, args.num_chunks, args.chunk_tokens, args.repeats, args.num_docs, args.doc_tokens,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=lambda line: print(line, file=sys.stderr, flush=True), security=security,
     )
     return _report(out, summary, redis_table(summary), leave_out=("ttft",))
 
@@ -261,14 +275,15 @@ def run_pd_bench(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvshelf.serve import connector_extra_config, exec_vllm, vllm_serve_argv
+    from kvshelf.serve import connector_extra_config, exec_vllm, redis_login_env, vllm_serve_argv
 
     extra_config = connector_extra_config(
         args.config, args.disk_path, args.memory_size, args.chunk_size, args.redis_url,
         args.receive_address, args.lookup_address,
     )
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
-    exec_vllm(vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args, args.role))
+    argv = vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args, args.role)
+    exec_vllm(argv, redis_login_env(args.config, args.redis_url))  # the login through the environment, not argv
     return 0  # not reached
 
 
@@ -339,6 +354,8 @@ def _report_store(args: argparse.Namespace, verify: bool) -> int:
         )
     finally:
         store.close()
+    for namespace in report.namespaces.values():
+        namespace.description = _without_salt(namespace.description)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
         return 0
@@ -346,16 +363,24 @@ def _report_store(args: argparse.Namespace, verify: bool) -> int:
     for namespace in report.namespaces.values():
         what = namespace.description or {}
         model = what.get("model_id", "(namespace not described)")
-        salt = f", cache_salt={what['cache_salt']}" if what.get("cache_salt") else ""
+        tenant = f", tenant {what['cache_salt_tag']}" if what.get("cache_salt_tag") else ""
         print(
             f"  {namespace.namespace_id}  {namespace.num_chunks:>7} chunks  "
-            f"{namespace.stored_bytes / 2**20:>9.1f} MiB  {model}{salt}"
+            f"{namespace.stored_bytes / 2**20:>9.1f} MiB  {model}{tenant}"
         )
     for damaged in report.damaged:
         print(f"  damaged: {damaged['where']}: {damaged['reason']}")
     for name, value in report.info.items():
         print(f"  {name}: {value}")
     return 0
+
+
+def _without_salt(description: dict | None) -> dict | None:
+    """A namespace's description fit to print: a tenant's cache_salt is a secret (older kvshelf stored it;
+    newer stores only cache_salt_tag, a keyed hash that tells tenants apart without revealing them)."""
+    if description is None:
+        return None
+    return {name: value for name, value in description.items() if name != "cache_salt"}
 
 
 def run_clear(args: argparse.Namespace) -> int:

@@ -2,12 +2,18 @@
 
 Defaults suit this project's machines: the bundled model, float32 and eager mode on the CPU,
 a memory tier and a disk tier under KVSHELF_HOME. Anything after `--` goes to `vllm serve`.
+
+Secrets never go into vLLM's command line, which every local user sees (`ps`) and vLLM logs at
+start-up: a Redis login given in `--redis-url` reaches vLLM as KVSHELF_REDIS_USERNAME and
+KVSHELF_REDIS_PASSWORD in its environment, and the URL in its argv carries no user:password.
 """
 
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from kvshelf.integrations.vllm.context import shelf_config
 from kvshelf.models import bundled_model_dir, default_home
@@ -22,6 +28,8 @@ DEFAULT_CHUNK_SIZE = 128
 
 # `kvshelf serve --role` -> vLLM's kv_role.
 KV_ROLES = {"both": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}
+REDIS_USERNAME_ENV = "KVSHELF_REDIS_USERNAME"
+REDIS_PASSWORD_ENV = "KVSHELF_REDIS_PASSWORD"
 
 
 def connector_extra_config(
@@ -37,7 +45,8 @@ def connector_extra_config(
     (a Redis that cannot be reached too, unless redis.on_start_failure is warn).
 
     Without a config file, the defaults are a memory tier and a disk tier under KVSHELF_HOME, and
-    128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise).
+    128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise). Its redis.url has no user:password:
+    vLLM gets those through `redis_login_env`.
     """
     extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size,
              "redis.url": redis_url, "pd.receive_address": receive_address, "lookup_address": lookup_address}
@@ -51,7 +60,37 @@ def connector_extra_config(
         tier = RedisTier(config.redis, config.tier_backoff_s)
         connect_redis(tier)
         tier.close()
+    if redis_url is not None:
+        extra["redis.url"] = without_login(redis_url)
     return extra
+
+
+def without_login(redis_url: str) -> str:
+    """`redis_url` (one URL, or a cluster's comma-separated seed nodes) without user:password."""
+    return ",".join(_strip_login(url.strip()) for url in redis_url.split(","))
+
+
+def _strip_login(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def redis_login_env(config_file: str | None, redis_url: str | None) -> dict[str, str]:
+    """The login in `redis_url` as KVSHELF_REDIS_USERNAME / KVSHELF_REDIS_PASSWORD, for vLLM's environment.
+
+    The tier takes the login from the first URL; a username or password that the config file or the
+    environment sets wins over the URL's there, so those are left to reach vLLM as they are.
+    """
+    if redis_url is None:
+        return {}
+    config = shelf_config({"config_file": config_file, "redis.url": redis_url})
+    first = urlsplit(redis_url.split(",")[0].strip())
+    env = {}
+    if first.username and config.redis.username is None:
+        env[REDIS_USERNAME_ENV] = unquote(first.username)  # the URL's are %-encoded, the variables' are not
+    if first.password and config.redis.password is None:
+        env[REDIS_PASSWORD_ENV] = unquote(first.password)
+    return env
 
 
 def vllm_serve_argv(
@@ -73,8 +112,12 @@ def vllm_serve_argv(
     return argv + vllm_args
 
 
-def exec_vllm(argv: list[str]) -> None:
-    """Replace this process with vLLM's server (signals and exit codes then belong to vLLM)."""
+def exec_vllm(argv: list[str], secret_env: Mapping[str, str] | None = None) -> None:
+    """Replace this process with vLLM's server (signals and exit codes then belong to vLLM).
+
+    `secret_env` (see `redis_login_env`) goes into the environment vLLM inherits, never into argv.
+    """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_SPACE_GIB)
+    os.environ.update(secret_env or {})
     Path(default_home()).mkdir(parents=True, exist_ok=True)
     os.execv(argv[0], argv)

@@ -10,7 +10,10 @@ over.
 
 import pytest
 
+from kvshelf import load_config
 from kvshelf.bench.redis_servers import RedisServer, free_port
+from kvshelf.ports import sign_push_to
+from kvshelf.security import Keyring
 from tests.integrations.vllm_runner import engine_results, run_engine, start_engine, wait_for
 
 CHUNK_SIZE = 128
@@ -27,6 +30,7 @@ def scenario(corpus_ids, tmp_path_factory):
     receive_address = f"tcp://127.0.0.1:{free_port()}"
     nobody = f"tcp://127.0.0.1:{free_port()}"
     push_to = {"pushed": receive_address, "push failed": nobody}
+    keyring = Keyring.from_config(load_config().security)  # the engines' key: the same default key file
     server = RedisServer(work).start()
     try:
         reference = run_engine(None, [{"prompt_token_ids": ids} for ids in prompts.values()])
@@ -34,7 +38,9 @@ def scenario(corpus_ids, tmp_path_factory):
                   "tier_backoff_s": 60, "redis.timeout_s": 0.5}
 
         def handed_over(name):
-            params = {"kvshelf": {"push_to": push_to[name]}} if name in push_to else {}
+            # As the proxy does: a destination in a request counts only when signed with the deployment key.
+            address = push_to.get(name)
+            params = {"kvshelf": {"push_to": address, "push_to_sig": sign_push_to(keyring, address)}} if address else {}
             return {"prompt_token_ids": prompts[name], "max_tokens": 1, "kv_transfer_params": params}
 
         def served(name):

@@ -1,8 +1,9 @@
 """`kvshelf bench codecs`: size, speed and quality of every codec on real KV of the bundled model.
 
 For each of `num_prompts` windows of real prose, the prefix's exact KV is computed once, cut into
-chunks and, per codec, framed and unframed chunk by chunk as the shelf would. Quality is measured
-on the decoded KV against the exact KV, side by side:
+chunks and, per codec, framed and unframed chunk by chunk as the shelf would (with the chunk MAC
+of a keyed deployment, the default). Quality is measured on the decoded KV against the exact KV,
+side by side:
 
 - perplexity of the next `continuation_tokens` tokens of the text, given the prefix's KV;
 - greedy agreement: `generate_tokens` tokens decoded greedily after the prefix, compared with
@@ -24,9 +25,14 @@ from transformers import DynamicCache
 
 from kvshelf.bench.long_doc_qa import drop_page_cache
 from kvshelf.codecs import CODECS, CODECS_BY_ID, frame, unframe
+from kvshelf.codecs.framing import Expected
 from kvshelf.integrations.hf import cache_to_canonical
+from kvshelf.layout import DTYPE_NAMES, KVLayout
+from kvshelf.security import Keyring
 
 KEY = bytes(32)
+# Keyed, as a deployment is by default: frame and unframe times include the chunk MAC.
+KEYRING = Keyring(bytes(range(32)))
 
 
 def run_codec_bench(
@@ -74,6 +80,11 @@ def run_codec_bench(
     }
 
 
+def layout_of_kv(kv: torch.Tensor) -> KVLayout:
+    """The layout of `kv` (layers, 2, tokens, kv_heads, head_dim)."""
+    return KVLayout(kv.shape[0], kv.shape[3], kv.shape[4], DTYPE_NAMES[kv.dtype])
+
+
 def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, generate_tokens) -> dict:
     codec = CODECS[name]
     num_bytes = encode_s = decode_s = raw_bytes = 0
@@ -83,15 +94,16 @@ def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, genera
         for begin in range(0, prefix_tokens, chunk_size):
             chunk = reference["kv"][:, :, begin : begin + chunk_size].contiguous()
             started_s = time.perf_counter()
-            blob = frame(chunk, KEY, codec)
+            blob = frame(chunk, KEY, codec, KEYRING)
             encode_s += time.perf_counter() - started_s
+            expected = Expected(layout_of_kv(chunk), chunk.shape[2])
             started_s = time.perf_counter()
-            decoded_chunks.append(unframe(blob, KEY, CODECS_BY_ID))
+            decoded_chunks.append(unframe(blob, KEY, KEYRING, CODECS_BY_ID, expected))
             decode_s += time.perf_counter() - started_s
             num_bytes += len(blob)
             raw_bytes += chunk.nbytes
             if prompt is prompts[0]:
-                blobs.append(blob)  # timed loading from disk below
+                blobs.append((blob, expected))  # timed loading from disk below
         decoded = torch.cat(decoded_chunks, dim=2)
         nlls.append(nll(model, decoded, prompt[prefix_tokens:]))
         tokens = greedy(model, decoded, prompt[prefix_tokens], generate_tokens)
@@ -109,16 +121,17 @@ def measure_codec(model, name, prompts, exact, prefix_tokens, chunk_size, genera
     }
 
 
-def disk_load_s(blobs: list[bytes]) -> float:
-    """Seconds per chunk to read `blobs` back from files out of the page cache, and decode them."""
+def disk_load_s(blobs: list[tuple[bytes, Expected]]) -> float:
+    """Seconds per chunk to read `blobs` (each with what it must decode to) back from files out of
+    the page cache, and decode them."""
     with tempfile.TemporaryDirectory(prefix="kvshelf-codecs-") as directory:
         paths = [Path(directory) / f"{index}.kvs" for index in range(len(blobs))]
-        for path, blob in zip(paths, blobs):
+        for path, (blob, _) in zip(paths, blobs):
             path.write_bytes(blob)
         drop_page_cache(paths)
         started_s = time.perf_counter()
-        for path in paths:
-            unframe(path.read_bytes(), KEY, CODECS_BY_ID)
+        for path, (_, expected) in zip(paths, blobs):
+            unframe(path.read_bytes(), KEY, KEYRING, CODECS_BY_ID, expected)
         return (time.perf_counter() - started_s) / len(paths)
 
 

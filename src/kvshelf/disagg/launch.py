@@ -6,7 +6,8 @@
 Each vLLM instance is `kvshelf serve` with a role, its own memory tier and no disk tier, a
 routing lookup address, and (decode) an inbox for pushed KV; with the tier channel both share
 the given Redis. `cpus` pins each instance's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND) so the
-two do not fight over the same cores.
+two do not fight over the same cores. A Redis login in the URL reaches each instance through its
+environment (as `kvshelf serve` passes it), never its command line.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from kvshelf.bench.redis_servers import free_port
-from kvshelf.serve import connector_extra_config, vllm_serve_argv
+from kvshelf.serve import connector_extra_config, redis_login_env, vllm_serve_argv
 
 START_TIMEOUT_S = 600.0
 
@@ -55,6 +56,16 @@ def instance_argv(instance: Instance, memory_size: str, redis_url: str | None, v
                                    instance.lookup_address)
     extra.pop("disk.path")  # each instance keeps its own memory; a shared disk directory would be two writers
     return vllm_serve_argv(None, "127.0.0.1", instance.port, extra, list(vllm_args), instance.role)
+
+
+def instance_env(redis_url: str | None, cpus: str | None = None) -> dict[str, str]:
+    """An instance's environment: this process's, with the Redis login kept out of its argv, and its cores."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    env.update(redis_login_env(None, redis_url))
+    return env
 
 
 def proxy_argv(port: int, instances: Sequence[Instance], channel: str, routing: str = "kv-aware") -> list[str]:
@@ -91,12 +102,9 @@ def running(
     urls: dict[str, str] = {}
     try:
         for index, instance in enumerate(instances):
-            env = dict(os.environ)
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            if cpus and cpus[index]:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = cpus[index]
             name = f"{instance.role}-{index}"
             argv = instance_argv(instance, memory_size, redis_url, vllm_args)
+            env = instance_env(redis_url, cpus[index] if cpus else None)
             processes[name] = start_process(argv, log_dir / name, env)
             urls[name] = instance.url
         proxy_port = proxy_port or free_port()

@@ -8,12 +8,24 @@ Disaggregated (`--prefill` and `--decode`), a completion request goes:
      its answer, streamed or not, goes back to the client.
 Colocated (`--instance`), the chosen instance answers the whole request.
 
+The proxy holds the deployment secret (kvshelf's `security.key`, `KVSHELF_SECURITY_KEY` or key
+file, as the instances): with it, it reaches the instances' CURVE lookup ports (which answer no
+one without it) and signs each `push_to` it hands a prefill instance (`push_to_sig`), since a
+prefill instance pushes only to a destination so signed or to its own `pd.push_to`.
+
 The prefill instance (or the colocated one) is chosen kv-aware: the prompt is tokenized once, every
 candidate's kvshelf says over ZeroMQ how many leading tokens of it it holds, and the one holding the
 most wins; ties and misses go in turn. A failed prefill is retried on another prefill instance, and
 when none is left the decode instance computes the prefill itself. A failed decode is retried while
 the client has not yet received a byte. An instance that fails a request or a health check leaves
 the rotation until a health check passes.
+
+Who may call what: with --api-key, every endpoint but /health needs `Authorization: Bearer <key>`;
+that key is the clients'. /proxy/stats is the operators': it needs the separate --admin-key
+(`Bearer <admin key>`; the client key does not open it), and without an admin key configured it
+answers 403 saying so. The stats are aggregates only (counts per routing reason; per instance its
+requests, failures and health; held-token totals and means), never one request's routing, prompt,
+held tokens or salt: one client must not learn from them what another sent.
 """
 
 import argparse
@@ -23,7 +35,7 @@ import json
 import logging
 import os
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -35,7 +47,10 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
+from kvshelf.config import load_config
 from kvshelf.errors import ConfigError
+from kvshelf.ports import secure_client, sign_push_to
+from kvshelf.security import Keyring
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +59,14 @@ CHANNELS = ("tier", "push")
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 API_KEY_ENV = "KVSHELF_PROXY_API_KEY"
+ADMIN_KEY_ENV = "KVSHELF_PROXY_ADMIN_KEY"
+STATS_PATH = "/proxy/stats"
 SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]"
 LOOKUP_TIMEOUT_S = 0.5
 TOKENIZE_TIMEOUT_S = 10.0  # routing waits this long at most; then it goes in turn
 HEALTH_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 64 * 2**20  # long prompts and inline images exceed aiohttp's 1 MiB default
-NUM_RECENT_DECISIONS = 100
 # Chat fields that change the prompt's tokens, so the tokenize call must see them too.
 CHAT_TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "continue_final_message")
 KV_AWARE_HITS = ("kv-aware", "kv-aware-tie")
@@ -96,9 +112,13 @@ class ProxyConfig:
     channel: str = "tier"
     health_interval_s: float = 2.0
     timeout_s: float = 600.0
-    api_key: str | None = None
+    api_key: str | None = None  # the clients'
+    admin_key: str | None = None  # the operators': opens /proxy/stats
 
     def __post_init__(self) -> None:
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ConfigError("--admin-key must differ from --api-key: every client holds the API key, "
+                              "and the admin key opens /proxy/stats; choose another admin key")
         if self.instances and (self.prefill or self.decode):
             raise ConfigError("give either --instance (colocated) or --prefill and --decode (disaggregated), not both")
         if not self.instances and not (self.prefill and self.decode):
@@ -146,19 +166,18 @@ class Decision:
     held_tokens: int
     reason: str  # kv-aware | kv-aware-tie | no-hit | tokenize-failed | round-robin
 
-    def as_json(self) -> dict:
-        return {"instance": self.upstream.url, "held_tokens": self.held_tokens, "reason": self.reason}
-
 
 class Proxy:
     """The proxy's state (instances, rotation, decisions) and its request handlers."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, keyring: Keyring) -> None:
         self.config = config
+        self._keyring = keyring  # the deployment secret: opens the lookup ports, signs push_to
         self.pools = {role: [Upstream(instance, role) for instance in pool] for role, pool in config.pools.items()}
         self._cursors: Counter[str] = Counter()  # pool -> index of the instance whose turn is next
         self._reasons = Counter(dict.fromkeys((*KV_AWARE_HITS, *KV_AWARE_FALLBACKS, "round-robin"), 0))
-        self._decisions: deque[dict] = deque(maxlen=NUM_RECENT_DECISIONS)
+        # Sums only: one decision's held tokens would tell a stats reader what a client's prompt shares.
+        self._num_held_tokens = 0
         self._num_prefill_fallbacks = 0
 
     # -- lifecycle --
@@ -234,7 +253,7 @@ class Proxy:
         while candidates := self._healthy(pool, tried):
             decision = self._choose(pool, candidates, held)
             self._reasons[decision.reason] += 1
-            self._decisions.append(decision.as_json())
+            self._num_held_tokens += decision.held_tokens
             tried.append(decision.upstream)
             yield decision.upstream
 
@@ -297,6 +316,7 @@ class Proxy:
             return 0
         # A fresh REQ socket per question: one that missed its reply can send no more, so it is closed.
         socket = self._zmq.socket(zmq.REQ)
+        secure_client(socket, self._keyring)
         socket.connect(address)
         frames = [json.dumps({"cache_salt": cache_salt}).encode(), np.asarray(token_ids, dtype="<i4").tobytes()]
         try:
@@ -309,10 +329,16 @@ class Proxy:
 
     # -- forwarding --
 
+    def _push_params(self, push_to: str) -> dict:
+        """kvshelf's push_to, signed: a prefill instance pushes only where the secret's holder says."""
+        if not self._keyring.keyed:
+            return {"push_to": push_to}
+        return {"push_to": push_to, "push_to_sig": sign_push_to(self._keyring, push_to)}
+
     async def _prefill(self, path: str, body: dict, push_to: str | None,
                        held: dict[str, int] | None) -> Upstream | web.Response | None:
         """Run the prefill: the instance that did, a client error to hand back as is, or None when none could."""
-        request = prefill_request(body, {"push_to": push_to} if self.config.channel == "push" else {})
+        request = prefill_request(body, self._push_params(push_to) if self.config.channel == "push" else {})
         for upstream in self._by_policy("prefill", held):
             upstream.num_requests += 1
             try:
@@ -410,14 +436,19 @@ class Proxy:
         return web.json_response({"healthy_instances": healthy}, status=200 if all(healthy.values()) else 503)
 
     async def stats(self, request: web.Request) -> web.Response:
+        """Aggregates for the operator (see the module docstring): behind the admin key, never per request."""
+        check_admin_key(request, self.config.admin_key)
+        num_looked_up = sum(self._reasons[reason] for reason in (*KV_AWARE_HITS, "no-hit"))
         return web.json_response({
             "routing": self.config.routing,
             "instances": {upstream.url: upstream.as_json() for pool in self.pools.values() for upstream in pool},
             "decisions": dict(self._reasons),
             "kv_aware_hits": sum(self._reasons[reason] for reason in KV_AWARE_HITS),
             "kv_aware_fallbacks": sum(self._reasons[reason] for reason in KV_AWARE_FALLBACKS),
+            "held_tokens_total": self._num_held_tokens,
+            # per decision routed by the instances' answers (kv-aware, kv-aware-tie, no-hit)
+            "held_tokens_mean": self._num_held_tokens / num_looked_up if num_looked_up else 0.0,
             "prefill_fallbacks": self._num_prefill_fallbacks,
-            "recent_decisions": list(self._decisions),
         })
 
 
@@ -463,13 +494,28 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def bearer_is(request: web.Request, key: str) -> bool:
+    """Whether the request carries `Authorization: Bearer <key>`; compared in constant time."""
+    given = request.headers.get("Authorization", "").encode()
+    return hmac.compare_digest(given, f"Bearer {key}".encode())
+
+
+def check_admin_key(request: web.Request, admin_key: str | None) -> None:
+    if admin_key is None:
+        raise openai_error(web.HTTPForbidden, f"{STATS_PATH} is off: start the proxy with --admin-key "
+                           f"(or ${ADMIN_KEY_ENV}) and send Authorization: Bearer <admin key>", "permission_error")
+    if not bearer_is(request, admin_key):
+        raise openai_error(web.HTTPUnauthorized, f"missing or wrong admin key for {STATS_PATH} "
+                           "(Authorization: Bearer <admin key>; the API key does not open it)", "authentication_error")
+
+
 def api_key_middleware(api_key: str):
-    expected = f"Bearer {api_key}".encode()
+    # /health is for load balancers; /proxy/stats checks the admin key itself.
+    open_paths = ("/health", STATS_PATH)
 
     @web.middleware
     async def check_api_key(request: web.Request, handler):
-        given = request.headers.get("Authorization", "").encode()
-        if request.path != "/health" and not hmac.compare_digest(given, expected):
+        if request.path not in open_paths and not bearer_is(request, api_key):
             raise openai_error(web.HTTPUnauthorized, "missing or wrong API key (Authorization: Bearer <key>)",
                                "authentication_error")
         return await handler(request)
@@ -477,15 +523,17 @@ def api_key_middleware(api_key: str):
     return check_api_key
 
 
-def build_app(config: ProxyConfig) -> web.Application:
-    proxy = Proxy(config)
+def build_app(config: ProxyConfig, keyring: Keyring | None = None) -> web.Application:
+    """The proxy's app; `keyring` defaults to the deployment secret kvshelf's configuration names
+    (security.key, KVSHELF_SECURITY_KEY, the key file), which the instances must share."""
+    proxy = Proxy(config, keyring if keyring is not None else Keyring.from_config(load_config().security))
     middlewares = [api_key_middleware(config.api_key)] if config.api_key else []
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.router.add_post(COMPLETIONS, proxy.completion)
     app.router.add_post(CHAT_COMPLETIONS, proxy.completion)
     app.router.add_get("/v1/models", proxy.models)
     app.router.add_get("/health", proxy.health)
-    app.router.add_get("/proxy/stats", proxy.stats)
+    app.router.add_get(STATS_PATH, proxy.stats)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     return app
@@ -512,7 +560,12 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
                         "address (default: tier)")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per upstream request")
-    parser.add_argument("--api-key", help=f"require Authorization: Bearer <key> (default: ${API_KEY_ENV})")
+    parser.add_argument("--api-key", help="the clients' key: every endpoint but /health and /proxy/stats requires "
+                        f"Authorization: Bearer <key> (default: ${API_KEY_ENV})")
+    parser.add_argument("--admin-key", help="the operators' key, not the same as --api-key: only it opens "
+                        f"{STATS_PATH} (aggregate routing and instance counts), as Authorization: Bearer <admin key>; "
+                        f"without it {STATS_PATH} answers 403 (default: ${ADMIN_KEY_ENV}; prefer the variables to "
+                        "the options, which other users see in ps)")
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -526,4 +579,5 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         health_interval_s=args.health_interval,
         timeout_s=args.timeout,
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,
+        admin_key=args.admin_key or environ.get(ADMIN_KEY_ENV) or None,
     )

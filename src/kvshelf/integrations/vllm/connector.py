@@ -34,6 +34,7 @@ from kvshelf.integrations.vllm.plan import StepPlan
 from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
+from kvshelf.security import Keyring
 from kvshelf.shelf import Shelf
 
 logger = logging.getLogger(__name__)
@@ -79,20 +80,24 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._lookup_client = None
         self._servers: list[LookupServer | RoutingLookupServer | KVReceiver] = []
         if role == KVConnectorRole.SCHEDULER:
+            # Verifies the proxy's push_to signatures, and guards the routing-lookup port.
+            keyring = Keyring.from_config(config.security)
             self._lookup_client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
             scheduler_role = Role.of(self._kv_transfer_config.kv_role, config.pd.push_to)
-            self._scheduler = SchedulerSide(self._lookup_client.lookup, config.chunk_size, facts, scheduler_role)
+            self._scheduler = SchedulerSide(self._lookup_client.lookup, config.chunk_size, facts, scheduler_role,
+                                            keyring)
             if config.lookup_address is not None:
                 client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
-                self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace, client))
+                self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace, client, keyring))
         else:
             tp_rank = get_tensor_model_parallel_rank()
             shelf = Shelf(config)
             self._worker = WorkerSide(shelf, facts, tp_rank, cpu_attention_isa(vllm_config, facts))
             self._servers.append(LookupServer(shelf, lookup_address(engine_id, tp_rank)))
             if shelf.inbox is not None:
+                chunk_bytes = facts.base_namespace.layout.bytes_per_token * config.chunk_size
                 receiver = KVReceiver(shelf.inbox, config.pd.receive_address, shelf.held_nearby,
-                                      self._worker.transfer_counters)
+                                      self._worker.transfer_counters, shelf.keyring, chunk_bytes)
                 self._servers.append(receiver)
 
     # ---- scheduler side ----

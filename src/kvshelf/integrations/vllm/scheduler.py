@@ -7,8 +7,10 @@ its prefill, from the blocks vLLM just wrote (chunks already stored are skipped)
 Roles (vLLM's kv_role): `kv_both` loads and saves full chunks. `kv_producer`, a prefill
 instance, also saves the prompt's partial last chunk and hands the whole prompt to a decode
 instance before the step ends: pushed to the address in the request's
-`kv_transfer_params.kvshelf.push_to` (or `pd.push_to`), else written through to the shared
-tiers. `kv_consumer`, a decode instance, loads (tails included) and never saves.
+`kv_transfer_params.kvshelf.push_to` (only tcp://host:port, signed by the proxy with the
+deployment secret as `push_to_sig`; unsigned with `security.key: none`) or to `pd.push_to`,
+else written through to the shared tiers. `kv_consumer`, a decode instance, loads (tails
+included) and never saves.
 """
 
 import logging
@@ -19,6 +21,8 @@ from typing import Any
 from kvshelf.integrations.vllm.context import EngineFacts, mm_hashes, request_namespace
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.keys import MMHashes, Namespace
+from kvshelf.ports import QuietLog, is_tcp_address, push_to_is_signed
+from kvshelf.security import Keyring
 
 logger = logging.getLogger(__name__)
 Lookup = Callable[[Sequence[int], Namespace, MMHashes], int]
@@ -50,12 +54,18 @@ class Role:
 
 
 class SchedulerSide:
-    def __init__(self, lookup: Lookup, chunk_size: int, facts: EngineFacts, role: Role = Role()) -> None:
+    def __init__(
+        self, lookup: Lookup, chunk_size: int, facts: EngineFacts, role: Role = Role(), keyring: Keyring | None = None
+    ) -> None:
+        """`keyring` checks the proxy's signature on a request's push_to; without one, requests
+        cannot choose a destination (only pd.push_to is used)."""
         self.lookup = lookup
         self.chunk_size = chunk_size
         self.facts = facts
         self.role = role
+        self.keyring = keyring
         self.requests: dict[str, RequestState] = {}
+        self._log = QuietLog(logger)
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
         """Prompt tokens beyond vLLM's own `num_computed_tokens` that the shelf can supply."""
@@ -76,15 +86,27 @@ class SchedulerSide:
         return max(usable - num_computed_tokens, 0)
 
     def _push_to(self, request: Any) -> str | None:
+        """Where to push the request's KV: its `kv_transfer_params.kvshelf.push_to` if that is
+        tcp://host:port signed by the proxy (`push_to_sig`), else pd.push_to (trusted: the operator's)."""
         if not self.role.hands_over:
             return None
-        params = (request.kv_transfer_params or {}).get("kvshelf") or {}
-        push_to = params.get("push_to", self.role.push_to) if isinstance(params, dict) else self.role.push_to
-        if push_to is not None and not (isinstance(push_to, str) and push_to.startswith(("tcp://", "ipc://"))):
-            logger.warning("kvshelf: request %s: ignoring kv_transfer_params.kvshelf.push_to %r (not tcp://host:port);"
-                           " handing its KV over through the shared tiers", request.request_id, push_to)
+        transfer_params = request.kv_transfer_params
+        params = transfer_params.get("kvshelf") if isinstance(transfer_params, dict) else None
+        if not isinstance(params, dict) or "push_to" not in params:
+            return self.role.push_to
+        push_to, signature = params["push_to"], params.get("push_to_sig")
+        if push_to is None:  # the request asks for no push: its KV goes through the shared tiers
             return None
-        return push_to
+        if not is_tcp_address(push_to):
+            why = "not tcp://host:port"
+        elif self.keyring is None or not push_to_is_signed(self.keyring, push_to, signature):
+            why = "missing or wrong push_to_sig: only the proxy, holding security.key, may choose it"
+        else:
+            return push_to
+        fallback = f"pushing to pd.push_to {self.role.push_to}" if self.role.push_to else "using the shared tiers"
+        self._log.warning("push_to", "kvshelf: request %s: ignoring kv_transfer_params.kvshelf.push_to %.100r (%s); "
+                          "%s", request.request_id, push_to, why, fallback)
+        return self.role.push_to
 
     def after_alloc(self, request: Any, num_external_tokens: int) -> None:
         state = self.requests.get(request.request_id)

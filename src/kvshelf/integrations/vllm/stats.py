@@ -33,6 +33,7 @@ DESCRIPTIONS = {
     "push_ms": "Milliseconds spent pushing KV to decode instances",
     "received_chunks": "Chunks pushed here by a prefill instance",
     "refused_chunks": "Pushed chunks refused because the inbox was full",
+    "received_corrupt_chunks": "Pushed chunks refused because they failed authentication",
 }
 
 
