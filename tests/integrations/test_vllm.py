@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvshelf.codecs import CODECS_BY_ID, unframe
-from kvshelf.keys import chunk_keys
+from kvshelf import load_config
+from kvshelf.codecs import CODECS, CODECS_BY_ID, frame, unframe
+from kvshelf.codecs.framing import Expected
+from kvshelf.keys import Namespace, chunk_keys
+from kvshelf.security import Keyring
 from kvshelf.tiers.disk import chunk_path
 from tests.integrations.vllm_runner import run_engine
 
 CHUNK_SIZE = 128  # = vLLM's CPU block size, keeps prompts short
 RUNNER = Path(__file__).with_name("vllm_runner.py")
+KEYRING = Keyring.from_config(load_config().security)  # the engines' key: the same default key file
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +56,18 @@ def scenario(prompts, tmp_path_factory):
         {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-b"},
         {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-a"},
     ])
-    damaged_files = [path for path in disk_path.rglob("*.kvs")
-                     if path.stem in {key.hex for key in _keys_of(prompts["damaged"], disk_path)}]
+    # Chunk 0 of the damaged prompt gets a flipped byte. Chunk 1 is replaced by an authentic chunk
+    # (framed with the deployment key, as a buggy or malicious key holder could) of the wrong shape:
+    # one layer short, which once left another request's stale KV in the last layer's blocks.
     damaged_bytes = {}
-    for path in damaged_files:
-        data = bytearray(path.read_bytes())
-        data[-50] ^= 0xFF
-        path.write_bytes(data)
-        damaged_bytes[path] = bytes(data)
+    first, second = _keys_of(prompts["damaged"], disk_path)
+    flipped = bytearray(chunk_path(disk_path, first).read_bytes())
+    flipped[-50] ^= 0xFF
+    layout = _namespace(disk_path).layout
+    short = torch.zeros((layout.num_layers - 1, *layout.shape(CHUNK_SIZE)[1:]))
+    for key, data in ((first, bytes(flipped)), (second, frame(short, second.digest, CODECS["raw"], KEYRING))):
+        chunk_path(disk_path, key).write_bytes(data)
+        damaged_bytes[chunk_path(disk_path, key)] = data
     engine_b = run_engine(extra_config, [
         {"prompt_token_ids": prompts["doc"]},
         {"prompt_token_ids": prompts["damaged_longer"]},  # loads fail: recomputed, and saved afresh
@@ -72,13 +80,17 @@ def scenario(prompts, tmp_path_factory):
             "disk_path": disk_path, "clean_path": clean_path}
 
 
-def _keys_of(token_ids: list[int], disk_path: Path):
-    """Chunk keys of a prompt under the namespace engine A wrote (read from its namespace.json)."""
-    from kvshelf.keys import Namespace
-
+def _namespace(disk_path: Path) -> Namespace:
+    """The unsalted namespace engine A wrote, from its public description (namespace.json)."""
     (description,) = [json.loads(p.read_text()) for p in disk_path.glob("*/namespace.json")
-                      if json.loads(p.read_text())["cache_salt"] is None]
-    return chunk_keys(token_ids, Namespace.from_description(description), CHUNK_SIZE)
+                      if json.loads(p.read_text())["cache_salt_tag"] is None]
+    description.pop("cache_salt_tag")
+    return Namespace.from_description(description | {"cache_salt": None})
+
+
+def _keys_of(token_ids: list[int], disk_path: Path):
+    """Chunk keys of a prompt under the namespace engine A wrote."""
+    return chunk_keys(token_ids, _namespace(disk_path), CHUNK_SIZE, keyring=KEYRING)
 
 
 def test_same_prompt_twice_loads_the_prefix_and_matches_vllm_alone(scenario):
@@ -124,9 +136,10 @@ def test_damaged_stored_chunk_is_recomputed_then_stored_afresh(scenario, prompts
     # Every stored chunk of that prompt holds the KV a clean engine computes.
     keys = _keys_of(prompts["damaged_longer"], scenario["disk_path"])
     assert len(keys) == 3
+    expected_shape = Expected(_namespace(scenario["disk_path"]).layout, CHUNK_SIZE)
     for key in keys:
-        stored = unframe(chunk_path(scenario["disk_path"], key).read_bytes(), key.digest, CODECS_BY_ID)
-        clean = unframe(chunk_path(scenario["clean_path"], key).read_bytes(), key.digest, CODECS_BY_ID)
+        stored, clean = (unframe(chunk_path(scenario[path], key).read_bytes(), key.digest, KEYRING, CODECS_BY_ID,
+                                 expected_shape) for path in ("disk_path", "clean_path"))
         assert torch.allclose(stored, clean, atol=1e-4)
 
 
