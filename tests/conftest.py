@@ -36,6 +36,15 @@ def make_shelf(tmp_path):
 
 
 @pytest.fixture
+def opened():
+    """Closes what a test opens (receivers before their shelves: last opened, first closed)."""
+    things = []
+    yield things
+    for thing in reversed(things):
+        thing.close()
+
+
+@pytest.fixture
 def redis_server(tmp_path):
     """A private redis-server on a free loopback port, stopped after the test."""
     with RedisServer(tmp_path) as server:

@@ -224,6 +224,14 @@ def test_unknown_environment_variable():
         load_config(environ={"KVSHELF_CHUNKSIZE": "256"})
 
 
+def test_the_proxys_own_variables_are_not_config_keys():
+    """`kvshelf proxy` reads this configuration (security.*) beside its own KVSHELF_PROXY_* keys."""
+    from kvshelf.disagg.proxy import ADMIN_KEY_ENV, API_KEY_ENV
+
+    config = load_config(environ={API_KEY_ENV: "client-key", ADMIN_KEY_ENV: "admin-key", "KVSHELF_CHUNK_SIZE": "64"})
+    assert config.chunk_size == 64
+
+
 @pytest.mark.parametrize("text", ["chunk_size: [1", "- a list\n- of things\n"])
 def test_unreadable_file(tmp_path, text):
     path = tmp_path / "kvshelf.yaml"

@@ -69,15 +69,6 @@ class Receiving:
 
 
 @pytest.fixture
-def opened():
-    """Closes what a test opens (receivers before their shelves: last opened, first closed)."""
-    things = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
-
-
-@pytest.fixture
 def make_receiving(opened):
     def make(**overrides) -> Receiving:
         receiving = Receiving(**overrides)

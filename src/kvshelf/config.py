@@ -38,8 +38,9 @@ from kvshelf.codecs import CODECS
 from kvshelf.errors import ConfigError
 
 CONFIG_FILE_ENV = "KVSHELF_CONFIG"
-# KVSHELF_* variables that are not configuration keys.
-NON_CONFIG_ENV = {CONFIG_FILE_ENV, "KVSHELF_HOME"}
+# KVSHELF_* variables that are not configuration keys: the config file, the home directory, and
+# `kvshelf proxy`'s keys (read by the proxy, which also reads this configuration for security.*).
+NON_CONFIG_ENV = {CONFIG_FILE_ENV, "KVSHELF_HOME", "KVSHELF_PROXY_API_KEY", "KVSHELF_PROXY_ADMIN_KEY"}
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -138,7 +139,7 @@ class SecurityConfig:
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
-    """$KVSHELF_HOME, or ~/.cache/kvshelf (as kvshelf.models.default_home)."""
+    """$KVSHELF_HOME, or ~/.cache/kvshelf: the bundled model's conversion and the default key file."""
     return Path(environ.get("KVSHELF_HOME") or Path.home() / ".cache" / "kvshelf")
 
 

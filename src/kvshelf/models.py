@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvshelf.config import default_home as config_default_home
 from kvshelf.errors import ConfigError, KVShelfError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def bundled_gguf_path() -> Path:
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("KVSHELF_HOME") or Path.home() / ".cache" / "kvshelf")
+    return config_default_home(os.environ)
 
 
 def _is_complete(model_dir: Path, stamp: dict[str, Any]) -> bool:

@@ -58,14 +58,6 @@ def config(security_key: str, **overrides):
 
 
 @pytest.fixture
-def opened():
-    things = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
-
-
-@pytest.fixture
 def make_instance(opened, namespace):
     """An instance's scheduler-side routing lookup over one worker's shelf holding TOKENS' first 8 tokens."""
 

@@ -58,7 +58,7 @@ ROUTINGS = ("kv-aware", "round-robin")
 CHANNELS = ("tier", "push")
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
-API_KEY_ENV = "KVSHELF_PROXY_API_KEY"
+API_KEY_ENV = "KVSHELF_PROXY_API_KEY"  # both in config.NON_CONFIG_ENV
 ADMIN_KEY_ENV = "KVSHELF_PROXY_ADMIN_KEY"
 STATS_PATH = "/proxy/stats"
 SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]"
