@@ -6,7 +6,7 @@ cost of authentication and encryption, and TTFT.
    framed bytes, side by side in each repetition, on one redis-server and on a 3-node cluster.
 2. Security: the shelf's save (encode + frame + write) and load (read + verify + decode) through
    a disk tier only and through a redis tier only, in three modes: off (`security.key: none`, an
-   xxh3-128 checksum), mac (a key: keyed blake3) and mac+encrypt (`security.encrypt: true`,
+   xxh3-128 checksum), mac (a key: a per-chunk GMAC) and mac+encrypt (`security.encrypt: true`,
    AES-256-GCM too). Each round measures every mode, in an order rotated from round to round, on
    a fresh, empty tier; a mode's cost is the median over rounds of its MB/s over that round's MB/s
    with security off, so what slows a whole round on a noisy machine cancels out. The disk tier
@@ -248,7 +248,7 @@ def _medians(nested: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, f
 
 def measure_crypto_cpu(chunk: torch.Tensor, repeats: int) -> dict:
     """Median (and best) ms and GB/s per chunk payload of the tag without a key (xxh3 checksum) and
-    with one (keyed blake3), and of AES-GCM seal and open, interleaved over `repeats`."""
+    with one (a per-chunk GMAC), and of AES-GCM seal and open, interleaved over `repeats`."""
     payload = get_codec("raw").encode(chunk)
     key_digest, header = bytes(32), bytes(HEADER_BYTES - TAG_BYTES)  # the sizes of a chunk key and a header
     unkeyed = Keyring(None)

@@ -4,7 +4,7 @@
     shape 5 x u32 | payload length u64 | tag 32 B | payload
 
 The tag authenticates the key digest the object is stored under, the header and the payload
-(see `Keyring.tag`: keyed blake3, or an xxh3-128 checksum with `security.key: none`). So a
+(see `Keyring.tag`: a GMAC under a one-time key, or an xxh3-128 checksum with `security.key: none`). So a
 flipped byte anywhere, an object copied to another key, or one forged without the secret is
 caught before anything is decoded. With the ENCRYPTED flag the payload is sealed with
 AES-256-GCM (`Keyring.seal`), whose own tag authenticates the key digest and header too: the tag
