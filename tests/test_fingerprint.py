@@ -177,8 +177,8 @@ def test_offloaded_weights_use_the_files_or_ask_for_a_model_id(checkpoint):
 
 
 def test_hf_engines_default_model_id_follows_the_weights():
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from kvshelf.integrations.hf import HFEngine
 

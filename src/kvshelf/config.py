@@ -134,7 +134,7 @@ class SecurityConfig:
         if self.encrypt and self.disabled:
             raise ConfigError(
                 "security.encrypt: true needs a secret but security.key is none; remove security.key: none "
-                f"(a key file is then created under KVSHELF_HOME), or set security.encrypt: false"
+                "(a key file is then created under KVSHELF_HOME), or set security.encrypt: false"
             )
 
 

@@ -19,7 +19,7 @@ import torch
 
 from kvshelf import Namespace, Shelf, load_config
 from kvshelf.codecs import CODECS, frame
-from kvshelf.codecs.framing import FORMAT_VERSION, _PREFIX
+from kvshelf.codecs.framing import _PREFIX, FORMAT_VERSION
 from kvshelf.security import Keyring
 from kvshelf.tiers.disk import chunk_path
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
@@ -54,7 +54,8 @@ def stored(shelf: Shelf, namespace: Namespace) -> tuple[torch.Tensor, list]:
 
 def forged(key_digest: bytes, keyring: Keyring, num_tokens: int = CHUNK_SIZE, layout=LAYOUT) -> bytes:
     """A well-framed chunk of the attacker's choosing, tagged with the attacker's keyring."""
-    return frame(torch.full(layout.shape(num_tokens), 7.0, dtype=layout.torch_dtype), key_digest, CODECS["raw"], keyring)
+    kv = torch.full(layout.shape(num_tokens), 7.0, dtype=layout.torch_dtype)
+    return frame(kv, key_digest, CODECS["raw"], keyring)
 
 
 @pytest.mark.parametrize("attacker", [Keyring(None), Keyring(os.urandom(32))], ids=["unkeyed", "other-key"])

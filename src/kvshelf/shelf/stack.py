@@ -113,7 +113,8 @@ class TierStack:
             started_s = time.perf_counter()
             blobs = self._guarded(slot, READ, [None] * len(group), slot.tier.get_many, group)
             slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
-            pending.append(self._verifier.submit(self._unframe_each, group, blobs, expected[start : start + group_size]))
+            group_expected = expected[start : start + group_size]
+            pending.append(self._verifier.submit(self._unframe_each, group, blobs, group_expected))
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
         for key, outcome in zip(keys, (outcome for future in pending for outcome in future.result())):
