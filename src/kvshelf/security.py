@@ -10,7 +10,7 @@ independent subkeys, one per purpose:
                digest and header (see `Keyring.tag`): a chunk cannot be forged, altered, or moved
                to another key;
   salt tags    a tenant's cache_salt is stored and printed only as a keyed hash;
-  encryption   optional, at rest (disk, redis): AES-256-GCM, whose ciphertext the MAC covers;
+  encryption   optional, at rest (disk, redis): AES-256-GCM, which then authenticates the chunk;
   signatures   a push destination the proxy hands an engine in a request;
   CURVE keys   the ZeroMQ lookup and push ports accept only peers holding the secret.
 
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import blake3
 import xxhash
 import zmq
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvshelf.errors import ConfigError, CorruptChunk
@@ -60,7 +61,9 @@ class Keyring:
         self._keys = {purpose: _subkey(secret, purpose) for purpose in
                       ("chunk keys", "chunk mac", "salt tag", "encryption", "signature", "curve server",
                        "curve client")} if secret is not None else {}
-        self._aead = AESGCM(self._keys["encryption"]) if encrypt else None
+        # Every keyed instance can open sealed chunks; `encrypt` decides only whether it writes them
+        # (so turning it on or off across a fleet never makes one instance delete another's chunks).
+        self._aead = AESGCM(self._keys["encryption"]) if self.keyed else None
 
     @classmethod
     def from_config(cls, config: "SecurityConfig") -> "Keyring":
@@ -122,12 +125,12 @@ class Keyring:
     def open(self, nonce: bytes, sealed: memoryview, associated: bytes) -> bytes:
         """The payload `seal` sealed; CorruptChunk if it was altered, moved, or sealed with another key."""
         if self._aead is None:
-            raise CorruptChunk("chunk is encrypted; set security.encrypt: true (with the key that wrote it)")
+            raise CorruptChunk("chunk is encrypted, and security.key is none")
         if sealed.nbytes < GCM_TAG_BYTES:
             raise CorruptChunk("encrypted payload is shorter than its tag")
         try:
             return self._aead.decrypt(nonce, sealed, associated)
-        except Exception as exc:  # cryptography's InvalidTag
+        except InvalidTag as exc:
             raise CorruptChunk("encrypted payload failed authentication (altered, moved to another key, "
                                "or sealed with another security.key)") from exc
 
