@@ -139,7 +139,8 @@ def test_range_ends_are_accepted():
 def test_security_defaults_to_a_key_file_under_kvshelf_home(tmp_path):
     home = tmp_path / "home"
     config = load_config(environ={"KVSHELF_HOME": str(home)})
-    assert config.security == SecurityConfig(key=None, key_file=home / "secret.key", disabled=False, encrypt=False)
+    assert config.security == SecurityConfig(key=None, key_file=home / "secret.key", disabled=False, encrypt=False,
+                                             create_key_file=True)
     assert not home.exists()  # kvshelf.security creates the file on first use, not the config
 
 
@@ -191,7 +192,7 @@ def test_secrets_never_printed(tmp_path):
     assert "hunter2-password" not in str(refused.value) and "http://***@h:1" in str(refused.value)
 
 
-@pytest.mark.parametrize(("mode", "leaf_mode", "parent_mode"), [("private", 0o700, 0o700), ("group", 0o770, 0o750)])
+@pytest.mark.parametrize(("mode", "leaf_mode", "parent_mode"), [("private", 0o700, 0o700), ("group", 0o2770, 0o750)])
 def test_disk_directories_created_closed(tmp_path, mode, leaf_mode, parent_mode):
     path = tmp_path / "cache" / "disk"
     old_umask = os.umask(0o022)  # the common umask, which would turn 0770 into 0750
@@ -247,3 +248,13 @@ def test_missing_file():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_only_the_default_key_file_is_made_on_first_use(tmp_path):
+    """A configured key file that is missing is an error: a fresh key would share nothing with the fleet."""
+    from kvshelf.security import Keyring
+
+    with pytest.raises(ConfigError, match="missing.key does not exist"):
+        Keyring.from_config(load_config(environ={}, security_key_file=str(tmp_path / "missing.key")).security)
+    default = load_config(environ={"KVSHELF_HOME": str(tmp_path / "home")}).security
+    assert Keyring.from_config(default).keyed and (tmp_path / "home" / "secret.key").stat().st_mode & 0o777 == 0o600

@@ -57,7 +57,7 @@ KEY_NONE = "none"  # security.key: none turns authentication off
 MIN_KEY_CHARS = 32
 KEY_FILE_NAME = "secret.key"
 # disk.mode -> the mode of the directories kvshelf creates for disk.path.
-DISK_DIRECTORY_MODES = {"private": 0o700, "group": 0o770}
+DISK_DIRECTORY_MODES = {"private": 0o700, "group": 0o2770}  # as the disk tier keeps them (setgid: files take the group)
 Parser = Callable[[str, Any], Any]
 
 
@@ -109,13 +109,15 @@ class PDConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     """The deployment secret that authenticates chunks and messages: exactly one of `key` (the
-    secret itself), `key_file` (a file holding it, created by kvshelf.security on first use) or
-    `disabled` (security.key: none, no authentication)."""
+    secret itself), `key_file` (a file holding it) or `disabled` (security.key: none, no
+    authentication). Only the default key file is created on first use (`create_key_file`): a
+    configured one that is missing is an error, never a fresh key no other instance shares."""
 
     key: str | None = field(default=None, repr=False)  # never printed: repr=False, and no message quotes it
     key_file: Path | None = None
     disabled: bool = False
     encrypt: bool = False  # encrypt chunks at rest in the disk and redis tiers
+    create_key_file: bool = False  # True for the default $KVSHELF_HOME/secret.key only
 
     def __post_init__(self) -> None:
         num_sources = (self.key is not None) + (self.key_file is not None) + self.disabled
@@ -126,7 +128,7 @@ class SecurityConfig:
                 "security.key and security.key_file are both set (KVSHELF_SECURITY_KEY counts as security.key); "
                 "set only one: the secret itself, the file that holds it, or security.key: none"
             )
-        if self.key is not None and len(self.key) < MIN_KEY_CHARS:
+        if self.key is not None and len(self.key.strip()) < MIN_KEY_CHARS:
             raise ConfigError(
                 f"security.key is shorter than {MIN_KEY_CHARS} characters; use at least {MIN_KEY_CHARS} random "
                 "characters (e.g. `openssl rand -hex 32`), or set security.key_file to a file holding the secret"
@@ -145,7 +147,7 @@ def default_home(environ: Mapping[str, str]) -> Path:
 
 def _default_security() -> SecurityConfig:
     # A ShelfConfig built in code, not by load_config, is secured by the same default key file.
-    return SecurityConfig(key_file=default_home(os.environ) / KEY_FILE_NAME)
+    return SecurityConfig(key_file=default_home(os.environ) / KEY_FILE_NAME, create_key_file=True)
 
 
 @dataclass(frozen=True)
@@ -281,10 +283,11 @@ def _redis(parsed: dict[str, Any]) -> RedisConfig | None:
 def _security(parsed: dict[str, Any], home: Path) -> SecurityConfig:
     key, key_file = parsed.get("security.key"), parsed.get("security.key_file")
     disabled = key == KEY_NONE
-    if key is None and key_file is None:
+    default = key is None and key_file is None
+    if default:
         key_file = home / KEY_FILE_NAME  # created by kvshelf.security on first use, not here
     return SecurityConfig(key=None if disabled else key, key_file=key_file, disabled=disabled,
-                          encrypt=parsed.get("security.encrypt", False))
+                          encrypt=parsed.get("security.encrypt", False), create_key_file=default)
 
 
 def _check_section_enabled(parsed: dict[str, Any], section: str, enabling_key: str) -> None:

@@ -18,6 +18,7 @@ from functools import cached_property
 import blake3
 import numpy as np
 
+from kvshelf.codecs.framing import FORMAT_VERSION
 from kvshelf.layout import KVLayout
 from kvshelf.security import Keyring
 
@@ -75,9 +76,10 @@ class Namespace:
         return blake3.blake3(b"kvshelf-namespace-v1\0" + canonical.encode()).digest()
 
     def root(self, keyring: Keyring) -> bytes:
-        """key_{-1}: the start of every chunk key chain in this namespace."""
+        """key_{-1}: the start of every chunk key chain in this namespace. It holds the stored-object
+        format version: kvshelf versions of two formats sharing a store never meet each other's objects."""
         hasher = keyring.hasher()
-        hasher.update(self.digest)
+        hasher.update(self.digest + bytes([FORMAT_VERSION]))
         return hasher.digest()
 
     def id(self, keyring: Keyring) -> str:

@@ -160,12 +160,15 @@ def load_secret(config: "SecurityConfig") -> bytes | None:
     """The deployment secret from the config, the key file, or a key file made now; None if disabled."""
     if config.disabled:
         return None
-    text = config.key if config.key is not None else _read_or_create_key_file(config.key_file)
+    text = config.key if config.key is not None else _read_key_file(config.key_file, config.create_key_file)
     return blake3.blake3(text.strip().encode(), derive_key_context=_CONTEXT.format("deployment secret")).digest()
 
 
-def _read_or_create_key_file(path: Path) -> str:
+def _read_key_file(path: Path, create: bool) -> str:
     if not path.exists():
+        if not create:
+            raise ConfigError(f"security.key_file {path} does not exist; copy the deployment's key there "
+                              "(every instance and the proxy need the same one)")
         _create_key_file(path)
     try:
         info = path.stat()

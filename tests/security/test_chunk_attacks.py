@@ -161,22 +161,43 @@ def _rewrite_header(path, **fields) -> None:
     path.write_bytes(data)
 
 
-@pytest.mark.parametrize("change", [{"version": FORMAT_VERSION + 1}, {"codec": 200}, {"flags": 0x80}])
-def test_a_newer_kvshelfs_chunk_is_a_foreign_miss_left_alone(shelves, namespace, change):
-    """Rolling upgrades: an older instance must not delete what a newer one wrote."""
-    victim = shelves(security_key="none")  # unkeyed, so this test can re-tag what a newer version would write
-    _, keys = stored(victim, namespace)
-    path = chunk_path(victim.config.disk.path, keys[0])
-    _rewrite_header(path, **change)
+def _retagged(path, key, keyring, **header_changes) -> bytes:
+    """The object at `path` with its header changed and tagged again, as a key holder could."""
+    _rewrite_header(path, **header_changes)
     data = bytearray(path.read_bytes())
     tag_at = _PREFIX.size
-    data[tag_at : tag_at + 32] = victim.keyring.tag(keys[0].digest, bytes(data[:tag_at]), bytes(data[tag_at + 32 :]))
+    data[tag_at : tag_at + 32] = keyring.tag(key.digest, bytes(data[:tag_at]), bytes(data[tag_at + 32 :]))
     path.write_bytes(data)
-    reader = shelves(security_key="none")
+    return bytes(data)
+
+
+def test_a_newer_kvshelfs_codec_is_a_foreign_miss_left_alone(shelves, namespace):
+    """Rolling upgrades: an older instance must not delete what a newer one of the same format wrote."""
+    victim = shelves()
+    _, keys = stored(victim, namespace)
+    path = chunk_path(victim.config.disk.path, keys[0])
+    data = _retagged(path, keys[0], victim.keyring, codec=200)
+    reader = shelves()
     assert reader.load(TOKENS, namespace, 16).num_tokens == 0
     stats = reader.stats()["tiers"]["disk"]
     assert (stats["foreign_chunks"], stats["corrupt_chunks"]) == (1, 0)
     assert path.read_bytes() == data  # left alone
+
+
+@pytest.mark.parametrize("change", [{"version": FORMAT_VERSION + 1}, {"flags": 0x80}])
+def test_another_format_under_our_key_is_corrupt_and_removed(shelves, namespace, change):
+    """The format version is in every key, so another version's object under ours is planted (left in
+    place it would block the key for good): a counted miss, deleted, and the genuine chunk comes back."""
+    victim = shelves(security_key="none")  # unkeyed: the attacker can compute the checksum
+    kv, keys = stored(victim, namespace)
+    path = chunk_path(victim.config.disk.path, keys[0])
+    _retagged(path, keys[0], victim.keyring, **change)
+    reader = shelves(security_key="none")
+    assert reader.load(TOKENS, namespace, 16).num_tokens == 0
+    assert reader.stats()["tiers"]["disk"]["corrupt_chunks"] == 1 and not path.exists()
+    reader.save(TOKENS, kv, namespace)
+    reader.flush()
+    assert torch.equal(shelves(security_key="none").load(TOKENS, namespace, 16).kv(), kv)
 
 
 def test_stores_never_hold_the_salt(shelves, namespace, redis_server):

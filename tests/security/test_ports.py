@@ -386,7 +386,7 @@ def signed(address: str, keyring: Keyring = KEYRING) -> dict:
     return {"kvshelf": {"push_to": address, "push_to_sig": sign_push_to(keyring, address)}}
 
 
-def scheduler(push_to: str | None = None, keyring: Keyring | None = KEYRING, kv_role: str = "kv_producer"):
+def scheduler(push_to: str | None = None, keyring: Keyring = KEYRING, kv_role: str = "kv_producer"):
     return SchedulerSide(lambda *_: 0, CHUNK_SIZE, None, Role.of(kv_role, push_to), keyring)
 
 
@@ -415,10 +415,9 @@ def test_a_request_push_to_without_a_valid_signature_or_not_tcp_is_ignored(param
     assert scheduler("tcp://configured:5800")._push_to(request(params)) == "tcp://configured:5800"
 
 
-def test_push_to_from_the_config_is_trusted_and_requests_cannot_choose_without_a_keyring():
+def test_push_to_from_the_config_is_trusted_and_only_a_producer_pushes():
     assert scheduler("tcp://configured:5800")._push_to(request(None)) == "tcp://configured:5800"
     assert scheduler("tcp://configured:5800")._push_to(request({"kvshelf": {}})) == "tcp://configured:5800"
-    assert scheduler(keyring=None)._push_to(request(signed(DECODE))) is None
     assert scheduler(kv_role="kv_both")._push_to(request(signed(DECODE))) is None
 
 

@@ -12,8 +12,12 @@ field then holds the nonce, and no second MAC is computed.
 
 Nothing in a header is trusted: `unframe` checks the declared shape and dtype against what the
 caller expects (the namespace's layout and the chunk's token count) before a codec allocates.
-An object of another format version, with unknown flags or an unknown codec, is `ForeignChunk`:
-a newer kvshelf sharing the store wrote it, so it is a miss that is left alone.
+
+Rolling upgrades: FORMAT_VERSION is part of every chunk key (kvshelf.keys), so kvshelf versions
+of different formats never read each other's objects: an object of another version or with
+unknown flags under one of our keys is damaged or forged (`CorruptChunk`, deleted; left alone, a
+planted one would block its key for good). An authentic object with a codec this version lacks
+was written by a newer kvshelf of the same format: `ForeignChunk`, a miss that is left alone.
 """
 
 import struct
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshelf.codecs.base import Codec
-from kvshelf.errors import CorruptChunk, ForeignChunk, UnknownCodec
+from kvshelf.errors import CorruptChunk, UnknownCodec
 from kvshelf.layout import DTYPE_NAMES, DTYPES, KVLayout
 from kvshelf.security import GCM_TAG_BYTES, NONCE_BYTES, TAG_BYTES, Keyring
 
@@ -30,6 +34,7 @@ MAGIC = b"KVSH"
 FORMAT_VERSION = 2
 ENCRYPTED = 0x01
 KNOWN_FLAGS = ENCRYPTED
+MAX_UNKNOWN_CHUNK_TOKENS = 1 << 20
 _PREFIX = struct.Struct("<4sBBBB5IQ")
 HEADER_BYTES = _PREFIX.size + TAG_BYTES
 _DTYPE_CODES = {name: code for code, name in enumerate(sorted(DTYPES), start=1)}
@@ -39,15 +44,14 @@ _DTYPE_BY_CODE = {code: DTYPES[name] for name, code in _DTYPE_CODES.items()}
 @dataclass(frozen=True, slots=True)
 class Expected:
     """What a chunk must be: the namespace's layout, and its token count (a whole chunk's or a
-    tail's); `num_tokens` None (tools that do not know the chunk size) allows 1..max_tokens."""
+    tail's); `num_tokens` None (tools that do not know the chunk size) allows 1..MAX_UNKNOWN_CHUNK_TOKENS."""
 
     layout: KVLayout
     num_tokens: int | None
-    max_tokens: int = 1 << 20
 
     def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         tokens = shape[2]
-        tokens_ok = tokens == self.num_tokens if self.num_tokens is not None else 0 < tokens <= self.max_tokens
+        tokens_ok = tokens == self.num_tokens if self.num_tokens is not None else 0 < tokens <= MAX_UNKNOWN_CHUNK_TOKENS
         if not tokens_ok or shape != self.layout.shape(tokens) or dtype != self.layout.torch_dtype:
             want = self.layout.shape(self.num_tokens) if self.num_tokens is not None else self.layout
             raise CorruptChunk(f"chunk is {shape} of {dtype}; this namespace stores {want} of {self.layout.dtype}")
@@ -75,9 +79,9 @@ def codec_id_of(blob: bytes | bytearray | memoryview) -> int:
     return blob[5]
 
 
-def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring, encrypt: bool = False) -> bytes:
+def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring) -> bytes:
     """The stored object as one bytes object (for tools and tests)."""
-    return b"".join(frame_parts(kv, key_digest, codec, keyring, encrypt))
+    return b"".join(frame_parts(kv, key_digest, codec, keyring))
 
 
 def verify(
@@ -85,19 +89,19 @@ def verify(
 ) -> tuple[int, int, tuple[int, ...], memoryview]:
     """Check an object's framing and authenticity without decoding it (the push receiver does this
     on arrival). Returns the codec id, dtype code, shape and the (decrypted) payload; raises
-    CorruptChunk, or ForeignChunk for another format version or unknown flags."""
+    CorruptChunk."""
     view = memoryview(blob).cast("B")
     if view.nbytes < HEADER_BYTES:
         raise CorruptChunk(f"object of {view.nbytes} bytes is shorter than the {HEADER_BYTES}-byte header")
     magic, version, codec_id, dtype_code, flags, *shape, payload_bytes = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CorruptChunk("not a kvshelf object (bad magic)")
-    if version != FORMAT_VERSION:
-        raise ForeignChunk(f"object format version {version}; this kvshelf reads version {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:  # never under a key of ours (the version is in every key)
+        raise CorruptChunk(f"object format version {version} under a key of format version {FORMAT_VERSION}")
     if view.nbytes != HEADER_BYTES + payload_bytes:
         raise CorruptChunk(f"object has {view.nbytes - HEADER_BYTES} payload bytes, header says {payload_bytes}")
-    if flags & ~KNOWN_FLAGS:
-        raise ForeignChunk(f"object has flags {flags:#x} this version of kvshelf does not know")
+    if flags & ~KNOWN_FLAGS:  # new flags come with a new format version
+        raise CorruptChunk(f"object has flags {flags:#x}, unknown in format version {FORMAT_VERSION}")
     prefix, tag, payload = view[: _PREFIX.size], view[_PREFIX.size : HEADER_BYTES], view[HEADER_BYTES:]
     if flags & ENCRYPTED:
         payload = memoryview(keyring.open(bytes(tag[:NONCE_BYTES]), payload, key_digest + bytes(prefix)))
@@ -114,7 +118,8 @@ def unframe(
     expected: Expected,
 ) -> torch.Tensor:
     """The chunk stored in `blob`; raises CorruptChunk unless it is authentic, stored under
-    `key_digest` and shaped as `expected`, or ForeignChunk if a newer kvshelf wrote it."""
+    `key_digest` and shaped as `expected`, or ForeignChunk if a newer kvshelf wrote it (an
+    authentic chunk of a codec this version lacks)."""
     codec_id, dtype_code, shape, payload = verify(blob, key_digest, keyring)
     if codec_id not in codecs:  # authentic: a newer kvshelf of this format wrote it
         raise UnknownCodec(f"codec id {codec_id} is unknown to this version of kvshelf")

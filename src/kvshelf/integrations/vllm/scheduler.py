@@ -54,11 +54,8 @@ class Role:
 
 
 class SchedulerSide:
-    def __init__(
-        self, lookup: Lookup, chunk_size: int, facts: EngineFacts, role: Role = Role(), keyring: Keyring | None = None
-    ) -> None:
-        """`keyring` checks the proxy's signature on a request's push_to; without one, requests
-        cannot choose a destination (only pd.push_to is used)."""
+    def __init__(self, lookup: Lookup, chunk_size: int, facts: EngineFacts, role: Role, keyring: Keyring) -> None:
+        """`keyring` checks the proxy's signature on a request's push_to."""
         self.lookup = lookup
         self.chunk_size = chunk_size
         self.facts = facts
@@ -99,7 +96,7 @@ class SchedulerSide:
             return None
         if not is_tcp_address(push_to):
             why = "not tcp://host:port"
-        elif self.keyring is None or not push_to_is_signed(self.keyring, push_to, signature):
+        elif not push_to_is_signed(self.keyring, push_to, signature):
             why = "missing or wrong push_to_sig: only the proxy, holding security.key, may choose it"
         else:
             return push_to
