@@ -3,7 +3,7 @@
     KVShelfError
     ├── ConfigError (also a ValueError)   bad configuration: says which key and how to fix it
     ├── CorruptChunk                      a stored object failed framing, authentication or shape checks
-    │   └── ForeignChunk                  a newer kvshelf wrote it (format version, flags): left alone
+    │   └── ForeignChunk                  a newer kvshelf of this format wrote it (a codec or variant unknown here)
     │       └── UnknownCodec              a codec id this version does not know
     └── TierUnavailable                   a tier cannot serve right now (disk full, store down)
 
@@ -26,7 +26,7 @@ class CorruptChunk(KVShelfError):
 
 
 class ForeignChunk(CorruptChunk):
-    """A stored chunk another version of kvshelf wrote (format version, flags or codec unknown here)."""
+    """An authentic chunk a newer kvshelf of the same format wrote (its codec or variant is unknown here)."""
 
 
 class UnknownCodec(ForeignChunk):
