@@ -23,7 +23,8 @@ from kvshelf.errors import CorruptChunk, ForeignChunk, TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
 from kvshelf.layout import KVLayout
 from kvshelf.security import Keyring
-from kvshelf.tiers.disk import NAMESPACE_FILE, TMP_DIR, DiskTier, iter_chunk_files
+from kvshelf.tiers.disk import DiskTier
+from kvshelf.tiers.disk_files import NAMESPACE_FILE, TMP_DIR, iter_chunk_files
 from kvshelf.tiers.redis import NAMESPACE_FIELD, SCAN_BATCH, RedisTier
 
 REDIS_SCHEMES = ("redis://", "rediss://")

@@ -15,7 +15,8 @@ import pytest
 
 from kvshelf.errors import ConfigError
 from kvshelf.keys import ChunkKey
-from kvshelf.tiers.disk import DiskTier, chunk_path, iter_chunk_files
+from kvshelf.tiers.disk import DiskTier
+from kvshelf.tiers.disk_files import chunk_path, iter_chunk_files
 from tests.tiers.test_disk import blob
 from tests.tiers.test_memory import key
 

@@ -14,7 +14,7 @@ import torch
 from kvshelf.codecs import frame_parts, get_codec
 from kvshelf.errors import ConfigError, TierUnavailable
 from kvshelf.security import Keyring
-from kvshelf.tiers.disk import DiskTier, _io_errors_as_unavailable, chunk_path
+from kvshelf.tiers.disk import DiskTier, chunk_path, io_errors_as_unavailable
 from tests.tiers.test_memory import key
 
 NAMESPACE_ID = key(0).namespace_id
@@ -164,7 +164,7 @@ def test_note_namespace_keeps_the_first_description(tmp_path):
 )
 def test_os_errors_are_worded_by_errno(code, advice):
     with pytest.raises(TierUnavailable) as raised:
-        with _io_errors_as_unavailable("write", Path("/no-such-dir/chunk.kvs")):
+        with io_errors_as_unavailable("write", Path("/no-such-dir/chunk.kvs")):
             raise OSError(code, os.strerror(code))
     assert str(raised.value).startswith(f"disk tier cannot write /no-such-dir/chunk.kvs: {advice}")
 

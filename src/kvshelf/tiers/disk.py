@@ -23,280 +23,49 @@ never be followed, block, or be allocated whole. So:
   in `num_refused_entries`, and removed: the name itself, never what a link points to.
 """
 
-import errno
 import json
 import logging
 import os
-import re
-import shutil
 import stat
 import threading
 import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 
-from kvshelf.errors import ConfigError, TierUnavailable
-from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
+from kvshelf.errors import ConfigError
+from kvshelf.keys import ChunkKey
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
+from kvshelf.tiers.disk_files import (
+    CREATE_FLAGS,
+    DIR_FLAGS,
+    DISK_FULL_ERRNOS,
+    MODES,
+    NAMESPACE_FILE,
+    READ_FLAGS,
+    TMP_DIR,
+    chunk_name,
+    chunk_path,
+    io_errors_as_unavailable,
+    is_namespace_id,
+    is_wrong_kind,
+    list_dir,
+    open_root,
+    remove_entry,
+    start_errors_as_config_errors,
+    stat_regular,
+    walk_chunk_files,
+)
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".kvs"
-TMP_DIR = ".tmp"
-NAMESPACE_FILE = "namespace.json"
 ABANDONED_TMP_AGE_S = 600.0
 DEFAULT_MAX_OBJECT_BYTES = 2**30
-# disk.mode -> (file mode, directory mode). The setgid bit on directories makes what a group
-# member creates belong to the directory's group, not to that member's primary group.
-MODES = {"private": (0o600, 0o700), "group": (0o660, 0o2770)}
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO swapped in under a chunk's name opens at once instead of waiting for a writer.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# An open that met another kind of entry than it asked for: a link (ELOOP; ENOTDIR with
-# O_DIRECTORY), a file where a directory belongs (ENOTDIR), a socket (ENXIO).
-_WRONG_KIND_ERRNOS = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO)
-_NAMESPACE_ID = re.compile(f"[0-9a-f]{{{NAMESPACE_ID_CHARS}}}")
-_KEY_HEX = re.compile("[0-9a-f]{64}")
-
-
-def _filesystem_of(path: Path) -> Path:
-    """The mount point that holds `path`, to name in messages."""
-    place = Path(os.path.abspath(path))
-    while place != place.parent and not os.path.ismount(place):
-        place = place.parent
-    return place
-
-
-def _advice(exc: OSError, path: Path) -> str:
-    """What the operator can do about `exc`, by errno."""
-    if exc.errno in DISK_FULL_ERRNOS:
-        return f"disk full: free space on {_filesystem_of(path)} or lower disk.size"
-    if exc.errno == errno.EROFS:
-        return f"filesystem is read-only: remount {_filesystem_of(path)} read-write or choose another disk.path"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied: check the owner and mode of disk.path"
-    if exc.errno == errno.ENOENT:
-        return "the path vanished while in use: check that nothing else removes disk.path or its contents"
-    if exc.errno == errno.EIO:
-        return "I/O error on the device: check the disk and the kernel log"
-    return "check that disk.path exists, is writable and has free space"
-
-
-@contextmanager
-def _io_errors_as_unavailable(action: str, path: Path) -> Iterator[None]:
-    """The one place OS errors become TierUnavailable (with what to do about it)."""
-    try:
-        yield
-    except OSError as exc:
-        advice = _advice(exc, path)
-        raise TierUnavailable(f"disk tier cannot {action} {path}: {advice} ({exc.strerror or exc})") from exc
-
-
-@contextmanager
-def _start_errors_as_config_errors(root: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise ConfigError(f"disk.path {root} cannot be prepared: {_advice(exc, root)} ({exc.strerror or exc})") from exc
-
-
-def _is_wrong_kind(exc: OSError) -> bool:
-    return exc.errno in _WRONG_KIND_ERRNOS
-
-
-def _is_namespace_id(name: str) -> bool:
-    """Only such names become paths: a key naming "../x" never reaches the filesystem."""
-    return _NAMESPACE_ID.fullmatch(name) is not None
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode()  # a non-UTF-8 name was decoded with surrogates, which do not encode
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def chunk_name(key: ChunkKey) -> str:
-    return f"{key.hex}{SUFFIX}"
-
-
-def chunk_path(root: Path, key: ChunkKey) -> Path:
-    return root / key.namespace_id / key.hex[:2] / chunk_name(key)
-
-
-def key_from_path(path: Path) -> ChunkKey | None:
-    namespace_id = path.parent.parent.name
-    stem = path.name.removesuffix(SUFFIX)
-    if path.suffix != SUFFIX or not _KEY_HEX.fullmatch(stem) or not _is_namespace_id(namespace_id):
-        return None
-    if path.parent.name != stem[:2]:
-        return None
-    return ChunkKey(namespace_id, bytes.fromhex(stem))
-
-
-def _remove_entry(dir_fd: int, name: str) -> None:
-    """Remove `name` from the directory: a link itself (never its target), a file, or a directory tree."""
-    try:
-        if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)  # the fd-based walk: never descends through a link
-        else:
-            os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass  # removed by another process first
-
-
-def _list_dir(dir_fd: int) -> tuple[list[str], list[str]]:
-    """Sorted names of the real subdirectories and of the regular files in a directory.
-
-    Links, FIFOs, devices, sockets, names that are not UTF-8 and entries gone before they could
-    be looked at are left out."""
-    subdir_names, file_names = [], []
-    with os.scandir(dir_fd) as entries:
-        for entry in entries:
-            if not _is_utf8(entry.name):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    subdir_names.append(entry.name)
-                elif entry.is_file(follow_symlinks=False):
-                    file_names.append(entry.name)
-            except FileNotFoundError:
-                continue  # removed since it was listed
-    return sorted(subdir_names), sorted(file_names)
-
-
-def _stat_regular(dir_fd: int, name: str) -> os.stat_result | None:
-    """The file's stat if it is still a regular file; None if it vanished or changed kind."""
-    try:
-        status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    return status if stat.S_ISREG(status.st_mode) else None
-
-
-def _open_listed_dir(parent_fd: int, name: str) -> int | None:
-    """fd of a directory found by a listing; None if it vanished or was swapped for a link since."""
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if _is_wrong_kind(exc):
-            return None
-        raise
-
-
-def _walk_chunk_files(root_fd: int, root: Path) -> Iterator[tuple[Path, ChunkKey | None, os.stat_result]]:
-    subdir_names, _ = _list_dir(root_fd)
-    for namespace_name in subdir_names:
-        if namespace_name != TMP_DIR:
-            yield from _walk_namespace(root_fd, namespace_name, root / namespace_name)
-
-
-def _walk_namespace(
-    root_fd: int, name: str, namespace_dir: Path
-) -> Iterator[tuple[Path, ChunkKey | None, os.stat_result]]:
-    namespace_fd = _open_listed_dir(root_fd, name)
-    if namespace_fd is None:
-        return
-    try:
-        fan_out_names, loose_names = _list_dir(namespace_fd)
-        for file_name in loose_names:
-            status = _stat_regular(namespace_fd, file_name)
-            if file_name != NAMESPACE_FILE and status is not None:
-                yield namespace_dir / file_name, None, status  # not where a chunk belongs
-        for fan_out_name in fan_out_names:
-            yield from _walk_fan_out(namespace_fd, fan_out_name, namespace_dir / fan_out_name)
-    finally:
-        os.close(namespace_fd)
-
-
-def _walk_fan_out(
-    namespace_fd: int, name: str, fan_out_dir: Path
-) -> Iterator[tuple[Path, ChunkKey | None, os.stat_result]]:
-    fan_out_fd = _open_listed_dir(namespace_fd, name)
-    if fan_out_fd is None:
-        return
-    try:
-        for file_name in _list_dir(fan_out_fd)[1]:
-            status = _stat_regular(fan_out_fd, file_name)
-            if status is not None:
-                path = fan_out_dir / file_name
-                yield path, key_from_path(path), status
-    finally:
-        os.close(fan_out_fd)
-
-
-def iter_chunk_files(root: Path) -> Iterator[tuple[Path, ChunkKey | None]]:
-    """Every regular file under the namespace directories, with its key, or None for a misnamed file.
-
-    No link below `root` is followed; links, FIFOs and other non-regular entries, names that are
-    not UTF-8, and entries that vanish during the walk (evicted by a running tier) are skipped."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for path, key, _ in _walk_chunk_files(root_fd, Path(root)):
-            yield path, key
-    finally:
-        os.close(root_fd)
-
-
-def _check_root(status: os.stat_result, root: Path, mode: str) -> None:
-    """Refuse a root that someone else could write to: they could plant or replace chunks."""
-    permissions = stat.S_IMODE(status.st_mode)
-    shared_by_group = mode == "group" and status.st_gid in {os.getegid(), *os.getgroups()}
-    if status.st_uid != os.geteuid() and not shared_by_group:
-        raise ConfigError(
-            f"disk.path {root} belongs to uid {status.st_uid}, not to this user (uid {os.geteuid()}), who "
-            "could read and replace the cache; choose a directory of your own for disk.path, or chown it"
-        )
-    if permissions & stat.S_IWOTH:
-        raise ConfigError(
-            f"disk.path {root} is writable by every user (mode {permissions:o}), who could plant chunks; "
-            f"run `chmod o-w {root}` or choose another disk.path"
-        )
-    if mode == "private" and permissions & stat.S_IWGRP:
-        raise ConfigError(
-            f"disk.path {root} is group-writable (mode {permissions:o}) but disk.mode is private; run "
-            f"`chmod g-w {root}`, or set disk.mode: group to share the cache with the directory's group"
-        )
-
-
-def _open_root(root: Path, mode: str) -> int:
-    """fd of the cache directory, created if missing, checked, and set to the mode's permissions."""
-    dir_mode = MODES[mode][1]
-    if root.is_symlink():
-        raise ConfigError(
-            f"disk.path {root} is a symbolic link, which kvshelf does not follow; "
-            f"set disk.path to the real directory ({root.resolve()})"
-        )
-    try:
-        root.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-        root_fd = os.open(root, _DIR_FLAGS)
-    except OSError as exc:
-        if _is_wrong_kind(exc) or isinstance(exc, FileExistsError):
-            raise ConfigError(f"disk.path {root} is not a directory; choose another disk.path") from exc
-        raise ConfigError(f"disk.path {root} cannot be opened: {_advice(exc, root)} ({exc.strerror or exc})") from exc
-    try:
-        status = os.fstat(root_fd)
-        _check_root(status, root, mode)
-        # Tightens a cache made by an older kvshelf (0755); a group-shared root of another owner is theirs.
-        if status.st_uid == os.geteuid() and stat.S_IMODE(status.st_mode) != dir_mode:
-            with _start_errors_as_config_errors(root):
-                os.fchmod(root_fd, dir_mode)
-    except BaseException:
-        os.close(root_fd)
-        raise
-    return root_fd
 
 
 class DiskTier(Tier[memoryview]):
@@ -328,9 +97,9 @@ class DiskTier(Tier[memoryview]):
         # key -> file size; oldest access first.
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()
         # Held for the tier's life: every path is walked from it, so the root cannot be swapped later.
-        self._root_fd = _open_root(self.root, mode)
+        self._root_fd = open_root(self.root, mode)
         self._close_root_fd = weakref.finalize(self, os.close, self._root_fd)
-        with _start_errors_as_config_errors(self.root):
+        with start_errors_as_config_errors(self.root):
             self._prepare_tmp_dir()
             self._scan()
 
@@ -353,8 +122,8 @@ class DiskTier(Tier[memoryview]):
     def _remove_abandoned_tmp_files(self, tmp_fd: int) -> None:
         """Regular files older than ABANDONED_TMP_AGE_S (a writer died); links and directories are left."""
         cutoff = time.time() - ABANDONED_TMP_AGE_S
-        for name in _list_dir(tmp_fd)[1]:
-            status = _stat_regular(tmp_fd, name)
+        for name in list_dir(tmp_fd)[1]:
+            status = stat_regular(tmp_fd, name)
             if status is None or status.st_mtime >= cutoff:
                 continue
             try:
@@ -366,11 +135,11 @@ class DiskTier(Tier[memoryview]):
                 return
 
     def _scan(self) -> None:
-        scan_fd = os.open(".", _DIR_FLAGS, dir_fd=self._root_fd)  # its own read position
+        scan_fd = os.open(".", DIR_FLAGS, dir_fd=self._root_fd)  # its own read position
         try:
             found = [
                 (status.st_mtime, key, status.st_size)
-                for _, key, status in _walk_chunk_files(scan_fd, self.root)
+                for _, key, status in walk_chunk_files(scan_fd, self.root)
                 if key is not None and status.st_size <= self.max_object_bytes
             ]
         finally:
@@ -399,18 +168,18 @@ class DiskTier(Tier[memoryview]):
         logger.warning("kvshelf: disk tier %s: removing %r, which is not a regular chunk file or directory",
                        self.root, name)
         try:
-            _remove_entry(dir_fd, name)
+            remove_entry(dir_fd, name)
         except OSError as exc:  # e.g. a read-only filesystem: it stays refused on every read
             logger.warning("kvshelf: disk tier %s: cannot remove %r: %s", self.root, name, exc)
 
     def _open_subdir(self, parent_fd: int, name: str) -> int | None:
         """fd of directory `name`, never through a link; None if missing or refused."""
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if not _is_wrong_kind(exc):
+            if not is_wrong_kind(exc):
                 raise
         self._refuse(parent_fd, name)
         return None
@@ -427,8 +196,8 @@ class DiskTier(Tier[memoryview]):
         try:
             os.mkdir(name, self._dir_mode, dir_fd=parent_fd)
         except FileExistsError:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)  # made meanwhile by another process
-        subdir_fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            return os.open(name, DIR_FLAGS, dir_fd=parent_fd)  # made meanwhile by another process
+        subdir_fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
         try:
             os.fchmod(subdir_fd, self._dir_mode)  # mkdir's mode is cut by the umask
         except BaseException:
@@ -459,12 +228,12 @@ class DiskTier(Tier[memoryview]):
 
     def _knows(self, key: ChunkKey) -> bool:
         """In the index, or written by another process since (then indexed now)."""
-        if not _is_namespace_id(key.namespace_id):
+        if not is_namespace_id(key.namespace_id):
             return False
         with self._lock:
             if key in self._index:
                 return True
-        with _io_errors_as_unavailable("check", chunk_path(self.root, key)):
+        with io_errors_as_unavailable("check", chunk_path(self.root, key)):
             size_bytes = self._stat_chunk(key)
         if size_bytes is None:
             return False
@@ -498,9 +267,9 @@ class DiskTier(Tier[memoryview]):
         return [self._get(key) for key in keys]
 
     def _get(self, key: ChunkKey) -> memoryview | None:
-        if not _is_namespace_id(key.namespace_id):
+        if not is_namespace_id(key.namespace_id):
             return None
-        with _io_errors_as_unavailable("read", chunk_path(self.root, key)):
+        with io_errors_as_unavailable("read", chunk_path(self.root, key)):
             blob = self._read_chunk(key)
         with self._lock:
             if blob is None:  # evicted by another process, or refused
@@ -534,11 +303,11 @@ class DiskTier(Tier[memoryview]):
             if not self._is_acceptable(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)):
                 self._refuse(dir_fd, name)
                 return None
-            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if not _is_wrong_kind(exc):
+            if not is_wrong_kind(exc):
                 raise
             self._refuse(dir_fd, name)
             return None
@@ -557,13 +326,13 @@ class DiskTier(Tier[memoryview]):
 
     def _put(self, key: ChunkKey, parts: Parts) -> None:
         size_bytes = parts_bytes(parts)
-        if size_bytes > self.max_object_bytes or not _is_namespace_id(key.namespace_id):
+        if size_bytes > self.max_object_bytes or not is_namespace_id(key.namespace_id):
             return
         with self._lock:
             if key in self._index:
                 return
         self._evict_until_free(size_bytes)
-        with _io_errors_as_unavailable("write", chunk_path(self.root, key)):
+        with io_errors_as_unavailable("write", chunk_path(self.root, key)):
             try:
                 self._write_chunk(key, parts)
             except OSError as exc:
@@ -588,7 +357,7 @@ class DiskTier(Tier[memoryview]):
         """Write `parts` to a new file in .tmp, then rename it to `name`: readers see all of it or
         none, and a failure leaves no temp file and the file already there (if any) as it was."""
         tmp_name = f"{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp_name, _CREATE_FLAGS, self._file_mode, dir_fd=tmp_fd)
+        fd = os.open(tmp_name, CREATE_FLAGS, self._file_mode, dir_fd=tmp_fd)
         try:
             with open(fd, "wb") as file:
                 os.fchmod(fd, self._file_mode)  # the create mode is cut by the umask
@@ -633,27 +402,27 @@ class DiskTier(Tier[memoryview]):
         return evicted_bytes
 
     def _remove_chunk(self, key: ChunkKey) -> None:
-        with _io_errors_as_unavailable("remove", chunk_path(self.root, key)):
+        with io_errors_as_unavailable("remove", chunk_path(self.root, key)):
             dir_fd = self._open_chunk_dir(key)
             if dir_fd is None:
                 return
             try:
-                _remove_entry(dir_fd, chunk_name(key))
+                remove_entry(dir_fd, chunk_name(key))
             finally:
                 os.close(dir_fd)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         for key in keys:
-            if not _is_namespace_id(key.namespace_id):
+            if not is_namespace_id(key.namespace_id):
                 continue
             with self._lock:
                 self._index_remove(key)
             self._remove_chunk(key)
 
     def note_namespace(self, namespace_id: str, description: dict) -> None:
-        if namespace_id in self._noted_namespace_ids or not _is_namespace_id(namespace_id):
+        if namespace_id in self._noted_namespace_ids or not is_namespace_id(namespace_id):
             return
-        with _io_errors_as_unavailable("write", self.root / namespace_id / NAMESPACE_FILE):
+        with io_errors_as_unavailable("write", self.root / namespace_id / NAMESPACE_FILE):
             namespace_fd = self._make_subdir(self._root_fd, namespace_id)
             try:
                 if not self._holds_regular_file(namespace_fd, NAMESPACE_FILE):
