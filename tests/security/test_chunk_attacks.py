@@ -4,6 +4,7 @@ Every test goes through the public Shelf API over real files and a real redis-se
 the attack failing while the engine's answer (the KV it loads) stays the genuine one.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import redis
 import torch
 
-from kvshelf import Namespace, Shelf, load_config
+from kvshelf import Namespace, Shelf
 from kvshelf.codecs import CODECS, frame
 from kvshelf.codecs.framing import _PREFIX, FORMAT_VERSION
 from kvshelf.security import Keyring
@@ -30,19 +31,9 @@ SECRET = "a-test-deployment-secret-of-32-characters-or-more"
 
 
 @pytest.fixture
-def shelves(tmp_path):
-    made = []
-
-    def make(**overrides) -> Shelf:
-        values = {"chunk_size": CHUNK_SIZE, "disk_path": str(tmp_path / "disk"), "memory_size": "1KiB",
-                  "security_key": SECRET, **overrides}
-        shelf = Shelf(load_config(environ={}, **values))
-        made.append(shelf)
-        return shelf
-
-    yield make
-    for shelf in made:
-        shelf.close()
+def shelves(make_shelf):
+    """Shelves of one deployment (SECRET) whose memory tier holds almost nothing: loads read the lower tiers."""
+    return functools.partial(make_shelf, memory_size="1KiB", security_key=SECRET)
 
 
 def stored(shelf: Shelf, namespace: Namespace) -> tuple[torch.Tensor, list]:

@@ -85,11 +85,11 @@ def frame(kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring) -
 
 
 def verify(
-    blob: bytes | bytearray | memoryview, key_digest: bytes, keyring: Keyring
+    blob: bytes | bytearray | memoryview, key_digest: bytes, keyring: Keyring, authenticated: bool = False
 ) -> tuple[int, int, tuple[int, ...], memoryview]:
     """Check an object's framing and authenticity without decoding it (the push receiver does this
-    on arrival). Returns the codec id, dtype code, shape and the (decrypted) payload; raises
-    CorruptChunk."""
+    on arrival); `authenticated`: its tag was checked already (it came from the inbox). Returns the
+    codec id, dtype code, shape and the (decrypted) payload; raises CorruptChunk."""
     view = memoryview(blob).cast("B")
     if view.nbytes < HEADER_BYTES:
         raise CorruptChunk(f"object of {view.nbytes} bytes is shorter than the {HEADER_BYTES}-byte header")
@@ -105,7 +105,7 @@ def verify(
     prefix, tag, payload = view[: _PREFIX.size], view[_PREFIX.size : HEADER_BYTES], view[HEADER_BYTES:]
     if flags & ENCRYPTED:
         payload = memoryview(keyring.open(bytes(tag[:NONCE_BYTES]), payload, key_digest + bytes(prefix)))
-    else:
+    elif not authenticated:
         keyring.check_tag(tag, key_digest, prefix, payload)
     return codec_id, dtype_code, tuple(shape), payload
 
@@ -116,11 +116,12 @@ def unframe(
     keyring: Keyring,
     codecs: dict[int, Codec],
     expected: Expected,
+    authenticated: bool = False,
 ) -> torch.Tensor:
     """The chunk stored in `blob`; raises CorruptChunk unless it is authentic, stored under
     `key_digest` and shaped as `expected`, or ForeignChunk if a newer kvshelf wrote it (an
-    authentic chunk of a codec this version lacks)."""
-    codec_id, dtype_code, shape, payload = verify(blob, key_digest, keyring)
+    authentic chunk of a codec this version lacks). `authenticated`: as in `verify`."""
+    codec_id, dtype_code, shape, payload = verify(blob, key_digest, keyring, authenticated)
     if codec_id not in codecs:  # authentic: a newer kvshelf of this format wrote it
         raise UnknownCodec(f"codec id {codec_id} is unknown to this version of kvshelf")
     if dtype_code not in _DTYPE_BY_CODE:

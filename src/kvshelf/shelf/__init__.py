@@ -66,7 +66,8 @@ class Shelf:
         self.inbox: InboxTier | None = None
         if self.config.pd.receive_address is not None:
             self.inbox = InboxTier(self.config.pd.inbox_size_bytes, self.config.pd.inbox_ttl_s)
-            lower.append(LowerTier(self.inbox, CodecChoice.of("raw", None), receives_writes=False))
+            # The receiver authenticates every pushed chunk before it enters the inbox (disagg.transfer).
+            lower.append(LowerTier(self.inbox, CodecChoice.of("raw", None), receives_writes=False, authenticated=True))
         if self.config.disk is not None:
             disk = DiskTier(self.config.disk.path, self.config.disk.size_bytes, self.config.disk.mode)
             lower.append(LowerTier(disk, CodecChoice.of(self.config.disk.codec, self.config.disk.codec_budget_ms)))

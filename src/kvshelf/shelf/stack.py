@@ -39,6 +39,7 @@ class LowerTier:
     tier: Tier
     codecs: CodecChoice
     receives_writes: bool = True  # False: filled from elsewhere (the inbox of pushed KV)
+    authenticated: bool = False  # True: every chunk's tag was checked as it arrived (the inbox)
     # Per direction (READ, WRITE): until when the breaker keeps it off.
     down_until_s: dict[str, float] = field(default_factory=lambda: {READ: 0.0, WRITE: 0.0})
 
@@ -114,7 +115,7 @@ class TierStack:
             blobs = self._guarded(slot, READ, [None] * len(group), slot.tier.get_many, group)
             slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
             group_expected = expected[start : start + group_size]
-            pending.append(self._verifier.submit(self._unframe_each, group, blobs, group_expected))
+            pending.append(self._verifier.submit(self._unframe_each, slot, group, blobs, group_expected))
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
         for key, outcome in zip(keys, (outcome for future in pending for outcome in future.result())):
@@ -135,7 +136,7 @@ class TierStack:
         return chunks
 
     def _unframe_each(
-        self, keys: Sequence[ChunkKey], blobs: Sequence[Any], expected: Sequence[Expected]
+        self, slot: LowerTier, keys: Sequence[ChunkKey], blobs: Sequence[Any], expected: Sequence[Expected]
     ) -> list[tuple[torch.Tensor, int, int, float] | CorruptChunk | None]:
         """Per blob: (chunk, stored bytes, codec id, decode seconds), the CorruptChunk it raised, or
         None if missing. Runs on the verifier thread; the caller counts."""
@@ -146,7 +147,7 @@ class TierStack:
                 continue
             started_s = time.perf_counter()
             try:
-                chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect)
+                chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect, slot.authenticated)
             except CorruptChunk as exc:
                 outcomes.append(exc)
                 continue
