@@ -13,6 +13,10 @@ Later sources win: defaults < file < environment < keywords. Keys are dotted pat
     redis: {url: "redis://host:6379/0", password: secret, ttl_s: 86400}   # omit for no redis tier
     pd: {receive_address: "tcp://0.0.0.0:5600", inbox_size: 2GiB}   # prefill/decode transfer
     lookup_address: "tcp://0.0.0.0:5700"                             # for a KV-aware router
+    transfer: {mode: async,          # or sync: vLLM loads and saves inside the engine's step
+               prefetch: true,       # promote a lookup's lower-tier hits to memory at once
+               load_or_recompute: true}   # claim only the prefix that loads faster than it computes
+    admission: {min_tokens: 0, min_sightings: 1}   # store prompts this long, from their Nth sighting
     security:
       key_file: /etc/kvshelf/secret.key   # or key: <32+ random characters> (KVSHELF_SECURITY_KEY),
                                           # or key: none (no authentication); default
@@ -106,6 +110,26 @@ class PDConfig:
     push_timeout_s: float = 5.0  # a push not done by then is given up; the decode side recomputes
 
 
+TRANSFER_MODES = ("async", "sync")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How the vLLM connector moves KV: off the engine's step (async) or inside it (sync)."""
+
+    mode: str = "async"
+    prefetch: bool = True  # on a lookup hit in a lower tier, promote those chunks to memory at once
+    load_or_recompute: bool = True  # claim only the prefix that loads faster than vLLM computes it
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Which prompts are stored: one-off prompts must not evict the useful ones."""
+
+    min_tokens: int = 0  # shorter prompts are not stored
+    min_sightings: int = 1  # a prefix is stored from its Nth sighting on (1: at once)
+
+
 @dataclass(frozen=True)
 class SecurityConfig:
     """The deployment secret that authenticates chunks and messages: exactly one of `key` (the
@@ -162,6 +186,8 @@ class ShelfConfig:
     # Where a KV-aware router asks how much of a prompt this instance holds (tcp://host:port).
     lookup_address: str | None = None
     security: SecurityConfig = field(default_factory=_default_security)
+    transfer: TransferConfig = TransferConfig()
+    admission: AdmissionConfig = AdmissionConfig()
 
 
 def load_config(
@@ -249,9 +275,17 @@ def _build(values: dict[str, Any], home: Path) -> ShelfConfig:
     pd = PDConfig(**{name: parsed[f"pd.{key}"] for key, name in pd_names.items() if f"pd.{key}" in parsed})
     top_keys = ("chunk_size", "writer_queue_size", "tier_backoff_s", "lookup_address")
     top = {key: parsed[key] for key in top_keys if key in parsed}
+    transfer = TransferConfig(**_section(parsed, "transfer"))
+    admission = AdmissionConfig(**_section(parsed, "admission"))
     redis, security = _redis(parsed), _security(parsed, home)
     disk = _disk(parsed)  # last: it creates disk.path, which a refused config should not leave behind
-    return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, security=security, **top)
+    return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, security=security, transfer=transfer,
+                       admission=admission, **top)
+
+
+def _section(parsed: dict[str, Any], section: str) -> dict[str, Any]:
+    """The parsed keys of `section` whose names are its dataclass's fields."""
+    return {key.removeprefix(f"{section}."): value for key, value in parsed.items() if key.startswith(f"{section}.")}
 
 
 def _disk(parsed: dict[str, Any]) -> DiskConfig | None:
@@ -459,6 +493,12 @@ def _zmq_address(key: str, value: Any) -> str:
     return text
 
 
+def _transfer_mode(key: str, value: Any) -> str:
+    if value not in TRANSFER_MODES:
+        raise ConfigError(f"{key} must be one of {', '.join(TRANSFER_MODES)}, got {value!r}")
+    return value
+
+
 def _codec(key: str, value: Any) -> str:
     if not isinstance(value, str) or (value not in CODECS and value != "auto"):
         raise ConfigError(f"{key} must be auto or one of {sorted(CODECS)}, got {value!r}")
@@ -549,5 +589,10 @@ KEYS: dict[str, Parser] = {
     "security.key": _security_key,
     "security.key_file": _file_path,
     "security.encrypt": _boolean,
+    "transfer.mode": _transfer_mode,
+    "transfer.prefetch": _boolean,
+    "transfer.load_or_recompute": _boolean,
+    "admission.min_tokens": _whole_number("tokens", 0, 1 << 30),
+    "admission.min_sightings": _whole_number("sightings", 1, 1000),
 }
 _REDIS_FIELDS = [key.removeprefix("redis.") for key in KEYS if key.startswith("redis.") and key != "redis.url"]

@@ -10,6 +10,7 @@ transfer ships it, so the decode instance recomputes only the last token. The ta
 a marker too, so it can never equal a full chunk's key.
 """
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,23 @@ class Namespace:
     def id(self, keyring: Keyring) -> str:
         """Short printable id; stores group chunks under it (listing, clearing)."""
         return self.root(keyring).hex()[:NAMESPACE_ID_CHARS]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request's prompt as the shelf sees it: its tokens, what they mean (namespace), and the
+    content hashes of its images, audio and video ((token position, hash), see `chunk_keys`)."""
+
+    token_ids: Sequence[int]
+    namespace: Namespace
+    mm_hashes: MMHashes = ()
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def with_rank(self, tp_rank: int) -> "Prompt":
+        """The same prompt as one tensor-parallel rank's shard names it."""
+        return dataclasses.replace(self, namespace=dataclasses.replace(self.namespace, tp_rank=tp_rank))
 
 
 @dataclass(frozen=True, slots=True)

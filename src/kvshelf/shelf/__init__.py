@@ -15,7 +15,7 @@ import torch
 from kvshelf.codecs.framing import Expected
 from kvshelf.config import RedisConfig, ShelfConfig, load_config
 from kvshelf.errors import ConfigError, TierUnavailable
-from kvshelf.keys import ChunkKey, MMHashes, Namespace, chunk_keys
+from kvshelf.keys import ChunkKey, MMHashes, Namespace, Prompt, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.security import Keyring
 from kvshelf.shelf.codec_choice import CodecChoice
@@ -119,12 +119,22 @@ class Shelf:
         A `probe` (a router asking where to send a prompt) counts only this instance's own tiers,
         since a shared one serves every instance alike, and is left out of the hit statistics.
         """
-        keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)
-        num_tokens = min(self._stack.contains_prefix(keys, shared=not probe) * self.chunk_size, len(token_ids))
+        located = self.locate(Prompt(token_ids, namespace, mm_hashes), tail, probe)
+        return self.held_tokens(len(token_ids), len(located))
+
+    def locate(self, prompt: Prompt, tail: bool = True, probe: bool = False) -> list[str]:
+        """The tier (its name) holding each of the prompt's leading chunks that the shelf holds,
+        counting a stored tail with `tail`; a `probe` is as in `lookup`."""
+        keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail)
+        located = self._stack.locate_prefix(keys, shared=not probe)
         if not probe:
-            self.metrics.counters.lookup_tokens += len(token_ids)
-            self.metrics.counters.hit_tokens += num_tokens
-        return num_tokens
+            self.metrics.counters.lookup_tokens += len(prompt)
+            self.metrics.counters.hit_tokens += self.held_tokens(len(prompt), len(located))
+        return located
+
+    def held_tokens(self, num_prompt_tokens: int, num_chunks: int) -> int:
+        """Tokens in a prompt's first `num_chunks` chunks (the last may be its tail)."""
+        return min(num_chunks * self.chunk_size, num_prompt_tokens)
 
     def load(
         self,

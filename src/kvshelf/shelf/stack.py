@@ -67,20 +67,21 @@ class TierStack:
     def tiers(self) -> list[Tier]:
         return [self.memory, *(slot.tier for slot in self.lower)]
 
-    def contains_prefix(self, keys: Sequence[ChunkKey], shared: bool = True) -> int:
-        """Leading keys available in the union of all tiers (chunk 0 in memory, chunk 1 on disk counts);
-        without `shared`, of this instance's own tiers only."""
+    def locate_prefix(self, keys: Sequence[ChunkKey], shared: bool = True) -> list[str]:
+        """The name of the tier holding each of the leading keys available in the union of the tiers
+        (the first tier from the top that holds it); without `shared`, of this instance's own tiers only."""
         lower = [slot for slot in self.lower if shared or not slot.tier.shared]
-        num_found = 0
+        located: list[str] = []
         progressed = True
-        while progressed and num_found < len(keys):
+        while progressed and len(located) < len(keys):
             progressed = False
-            num_found += self.memory.contains_prefix(keys[num_found:])
+            found = self.memory.contains_prefix(keys[len(located):])
+            located += [self.memory.name] * found
             for slot in lower:
-                found = self._guarded(slot, READ, 0, slot.tier.contains_prefix, keys[num_found:])
-                num_found += found
+                found = self._guarded(slot, READ, 0, slot.tier.contains_prefix, keys[len(located):])
+                located += [slot.tier.name] * found
                 progressed = progressed or found > 0
-        return num_found
+        return located
 
     def get_prefix(self, keys: Sequence[ChunkKey], expected: Sequence[Expected]) -> list[torch.Tensor]:
         """Chunks of the longest leading run of `keys` that can be read and verified; `expected[i]`

@@ -6,7 +6,7 @@ nothing of codecs or engines; the tier stack encodes, verifies and promotes.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -43,6 +43,13 @@ class Tier(ABC, Generic[Value]):
         self.counters = TierCounters()
         self._capacity_bytes = capacity_bytes
         self._used_bytes = 0  # kept up to date by the subclass under its lock
+        # Told of chunks the tier itself dropped (evicted, expired, cleared), for KV cache events.
+        self.on_removed: Callable[[str, Sequence[ChunkKey]], None] | None = None
+
+    def _note_removed(self, keys: Sequence[ChunkKey]) -> None:
+        """Subclasses call this for keys they drop on their own (eviction, clear), not for `delete`."""
+        if keys and self.on_removed is not None:
+            self.on_removed(self.name, keys)
 
     @property
     def capacity_bytes(self) -> int:
@@ -70,6 +77,10 @@ class Tier(ABC, Generic[Value]):
 
     @abstractmethod
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
+    def clear(self) -> None:
+        """Drop every chunk this tier holds for this deployment (vLLM's reset_prefix_cache with
+        reset_external). Optional: a shared tier may decline."""
 
     def refresh_usage(self) -> None:
         """Bring `used_bytes`, `capacity_bytes` and counters up to date before they are read. Optional."""
