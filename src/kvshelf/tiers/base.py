@@ -43,11 +43,18 @@ class Tier(ABC, Generic[Value]):
         self.counters = TierCounters()
         self._capacity_bytes = capacity_bytes
         self._used_bytes = 0  # kept up to date by the subclass under its lock
-        # Told of chunks the tier itself dropped (evicted, expired, cleared), for KV cache events.
+        # Told (tier name, keys) of chunks stored, and of chunks the tier itself dropped (evicted,
+        # expired, cleared): the shelf's KV cache events. Called outside the tier's lock, quickly.
+        self.on_stored: Callable[[str, Sequence[ChunkKey]], None] | None = None
         self.on_removed: Callable[[str, Sequence[ChunkKey]], None] | None = None
 
+    def _note_stored(self, keys: Sequence[ChunkKey]) -> None:
+        """Subclasses call this for keys newly stored by put_many."""
+        if keys and self.on_stored is not None:
+            self.on_stored(self.name, keys)
+
     def _note_removed(self, keys: Sequence[ChunkKey]) -> None:
-        """Subclasses call this for keys they drop on their own (eviction, clear), not for `delete`."""
+        """Subclasses call this for keys they drop on their own (eviction, expiry, clear), not for `delete`."""
         if keys and self.on_removed is not None:
             self.on_removed(self.name, keys)
 
