@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvshelf import Namespace, Shelf, load_config
+from kvshelf.keys import Prompt
 from kvshelf.disagg.transfer import KVPusher
 from kvshelf.integrations.vllm.context import EngineFacts
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
@@ -46,7 +47,7 @@ def worker(shelf, namespace):
     worker.register({f"layer.{i}": torch.full((NUM_BLOCKS, LAYOUT.num_kv_heads, BLOCK_SIZE, 2 * LAYOUT.head_dim),
                                               STALE) for i in range(LAYOUT.num_layers)})
     yield worker
-    worker.pusher.close()
+    worker.close()
 
 
 def genuine_kv(num_tokens: int = len(TOKENS)) -> torch.Tensor:
@@ -54,7 +55,7 @@ def genuine_kv(num_tokens: int = len(TOKENS)) -> torch.Tensor:
 
 
 def transfer(namespace: Namespace, tokens=TOKENS, block_ids=BLOCK_IDS, **fields) -> Transfer:
-    return Transfer("request-1", tokens, namespace, (), block_ids, start=0, end=len(tokens), **fields)
+    return Transfer("request-1", Prompt(tokens, namespace), block_ids, start=0, end=len(tokens), **fields)
 
 
 def blocks(worker: WorkerSide, block_ids) -> torch.Tensor:
@@ -148,7 +149,7 @@ def test_one_failing_transfer_leaves_the_others_loaded(worker, shelf, namespace)
     other_tokens = list(range(200, 208))
     shelf.save(other_tokens, torch.zeros(LAYOUT.shape(8)), namespace)
     plant(shelf, namespace, 0, torch.zeros(1, 2, CHUNK_SIZE, 2, 4), other_tokens)
-    failing = Transfer("request-2", other_tokens, namespace, (), [3, 4], start=0, end=8)
+    failing = Transfer("request-2", Prompt(other_tokens, namespace), [3, 4], start=0, end=8)
     worker.load(StepPlan(loads=[failing, transfer(namespace)]))
     assert worker.take_failed_block_ids() == {3, 4}
     assert torch.equal(blocks(worker, BLOCK_IDS), kv)
@@ -156,7 +157,7 @@ def test_one_failing_transfer_leaves_the_others_loaded(worker, shelf, namespace)
 
 def test_an_exception_while_saving_is_counted_not_raised(worker, shelf, namespace):
     shelf._stack.memory = FailingMemoryTier(2**20)
-    worker.save(StepPlan(saves=[transfer(namespace)]))
+    worker.save(StepPlan(saves=[transfer(namespace)]), set())
     assert shelf.stats()["dropped_writes"] == 1
 
 
@@ -168,8 +169,8 @@ class FailingPusher(KVPusher):
 
 
 def test_an_exception_while_pushing_hands_the_kv_over_through_the_shelf(worker, shelf, namespace):
-    worker.pusher = FailingPusher(1.0, worker.transfer_counters, shelf.keyring)
+    worker.hand_over._pusher = FailingPusher(1.0, worker.transfer_counters, shelf.keyring)
     handed_over = transfer(namespace, hand_over=True, push_to="tcp://127.0.0.1:9")
-    worker.save(StepPlan(saves=[handed_over]))
+    worker.save(StepPlan(saves=[handed_over]), set())
     assert worker.transfer_counters.push_failures == 1
     assert shelf.lookup(TOKENS, namespace) == len(TOKENS)  # saved: the decode side finds it in the shared tiers

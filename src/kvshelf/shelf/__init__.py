@@ -132,6 +132,13 @@ class Shelf:
             self.metrics.counters.hit_tokens += self.held_tokens(len(prompt), len(located))
         return located
 
+    def holds(self, prompt: Prompt, num_tokens: int) -> bool:
+        """Whether the shelf holds the prompt's first `num_tokens` (a stored tail counts); not counted
+        in the statistics (a load waiting for KV still on its way asks this repeatedly)."""
+        keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
+        needed = keys[: -(-num_tokens // self.chunk_size)]
+        return len(self._stack.locate_prefix(needed)) == len(needed)
+
     def held_tokens(self, num_prompt_tokens: int, num_chunks: int) -> int:
         """Tokens in a prompt's first `num_chunks` chunks (the last may be its tail)."""
         return min(num_chunks * self.chunk_size, num_prompt_tokens)

@@ -26,12 +26,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvshelf.disagg.transfer import KVReceiver
 from kvshelf.integrations.vllm.context import EngineFacts, engine_facts, shelf_config
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
 from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
+from kvshelf.keys import Prompt
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.security import Keyring
@@ -49,6 +50,11 @@ def cpu_attention_isa(vllm_config: Any, facts: EngineFacts) -> str | None:
 
     return _get_attn_isa(vllm_config.model_config.dtype, facts.block_size, facts.base_namespace.layout.head_dim,
                          vllm_config.cache_config.cache_dtype)
+
+
+# Where vLLM's hit-source metrics put each tier's hits.
+HIT_SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "inbox": CacheHitSource.P2P,
+               "redis": CacheHitSource.EXTERNAL_UNSPECIFIED}
 
 
 @dataclass
@@ -78,14 +84,15 @@ class KVShelfConnector(KVConnectorBase_V1):
                              "unset pd.receive_address and pd.push_to and hand KV over through a shared tier (redis)")
         self._scheduler = self._worker = None
         self._lookup_client = None
-        self._servers: list[LookupServer | RoutingLookupServer | KVReceiver] = []
+        self._servers: list[LookupServer | RoutingLookupServer] = []
         if role == KVConnectorRole.SCHEDULER:
-            # Verifies the proxy's push_to signatures, and guards the routing-lookup port.
+            # Verifies the proxy's push_to signatures, signs hand-overs, and guards the routing-lookup port.
             keyring = Keyring.from_config(config.security)
             self._lookup_client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
             scheduler_role = Role.of(self._kv_transfer_config.kv_role, config.pd.push_to)
-            self._scheduler = SchedulerSide(self._lookup_client.lookup, config.chunk_size, facts, scheduler_role,
-                                            keyring)
+            self._scheduler = SchedulerSide(self._lookup_client.locate, config.chunk_size, facts, scheduler_role,
+                                            keyring, background=config.transfer.mode == "async",
+                                            hand_over_wait_s=config.pd.push_timeout_s)
             if config.lookup_address is not None:
                 client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
                 self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace, client, keyring))
@@ -93,20 +100,32 @@ class KVShelfConnector(KVConnectorBase_V1):
             tp_rank = get_tensor_model_parallel_rank()
             shelf = Shelf(config)
             self._worker = WorkerSide(shelf, facts, tp_rank, cpu_attention_isa(vllm_config, facts))
-            self._servers.append(LookupServer(shelf, lookup_address(engine_id, tp_rank)))
-            if shelf.inbox is not None:
-                chunk_bytes = facts.base_namespace.layout.bytes_per_token * config.chunk_size
-                receiver = KVReceiver(shelf.inbox, config.pd.receive_address, shelf.held_nearby,
-                                      self._worker.transfer_counters, shelf.keyring, chunk_bytes)
-                self._servers.append(receiver)
+            prefetch = config.transfer.mode == "async" and config.transfer.prefetch
+            self._servers.append(LookupServer(shelf, lookup_address(engine_id, tp_rank),
+                                              on_located=self._located if prefetch else None))
+            self._worker.hand_over.receive(facts.base_namespace.layout.bytes_per_token)
+        self._failed_request_ids: set[str] = set()
+
+    def _located(self, request_id: str | None, prompt: Prompt, located: list[str]) -> list[str]:
+        """A worker's answer to the scheduler's lookup: start promoting lower-tier hits to memory."""
+        if request_id is not None and located:
+            self._worker.prefetch(request_id, prompt, located)
+        return located
 
     # ---- scheduler side ----
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False
+        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        self._scheduler.after_alloc(request, num_external_tokens)
+        self._scheduler.after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        sources: dict[CacheHitSource, int] = {}
+        for tier, num_tokens in self._scheduler.hit_sources(request, num_external_tokens).items():
+            source = HIT_SOURCES.get(tier, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            sources[source] = sources.get(source, 0) + num_tokens
+        return sources
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return KVShelfMetadata(self._scheduler.plan_step(scheduler_output))
@@ -116,27 +135,36 @@ class KVShelfConnector(KVConnectorBase_V1):
             self._scheduler.forget_failed_blocks(connector_output.invalid_block_ids)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Saving happened when the prefill finished; nothing holds the blocks now.
-        self._scheduler.finished(request)
-        return False, None
+        # Async: the blocks stay until the worker has copied the request's KV out (get_finished).
+        return self._scheduler.finished(request)
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's reset_prefix_cache with reset_external: empty this instance's shelf."""
+        return self._lookup_client.reset()
 
     # ---- worker side ----
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register(kv_caches)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        self._worker.handle_preemptions(kv_connector_metadata.plan)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        metadata = self._get_connector_metadata()
-        self._worker.load(metadata.plan)
+        self._failed_request_ids = self._worker.load(self._get_connector_metadata().plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads finish in start_load_kv, before the forward pass."""
+        """Synchronous loads finish in start_load_kv, before the forward pass."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """Saving reads all layers at once in wait_for_save, after the forward pass wrote them."""
 
     def wait_for_save(self) -> None:
-        self._worker.save(self._get_connector_metadata().plan)
+        self._worker.save(self._get_connector_metadata().plan, self._failed_request_ids)
+        self._failed_request_ids = set()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_block_ids()
@@ -158,11 +186,11 @@ class KVShelfConnector(KVConnectorBase_V1):
         return KVShelfPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        """Close the lookup and transfer channels, and finish queued disk writes."""
+        """Close the lookup and transfer channels, finish queued transfers and disk writes."""
         for server in self._servers:
             server.close()
         if self._worker is not None:
-            self._worker.pusher.close()
+            self._worker.close()
             self._worker.shelf.close()
         if self._lookup_client is not None:
             self._lookup_client.close()

@@ -2,25 +2,28 @@
 
 from dataclasses import dataclass, field
 
-from kvshelf.keys import MMHashes, Namespace
+from kvshelf.keys import Prompt
 
 
 @dataclass(slots=True)
 class Transfer:
-    """Tokens [start, end) of `token_ids` between the shelf and the request's blocks."""
+    """Tokens [start, end) of `prompt` between the shelf and the request's blocks."""
 
     request_id: str
-    token_ids: list[int]  # the whole prompt
-    namespace: Namespace
-    mm_hashes: MMHashes
+    prompt: Prompt  # the whole prompt
     block_ids: list[int]  # the request's blocks, from token 0
     start: int
     end: int
     hand_over: bool = False  # kv_producer: save the tail too, and hand all of it to the decode side now
     push_to: str | None = None  # ... by pushing it there; None: by writing through to the shared tiers
+    wait_s: float = 0.0  # an asynchronous load waits this long for chunks a prefill instance is handing over
 
 
 @dataclass(slots=True)
 class StepPlan:
-    loads: list[Transfer] = field(default_factory=list)
-    saves: list[Transfer] = field(default_factory=list)
+    loads: list[Transfer] = field(default_factory=list)  # before this step's forward pass
+    async_loads: list[Transfer] = field(default_factory=list)  # in the background; reported by get_finished
+    saves: list[Transfer] = field(default_factory=list)  # after the forward pass (in the background when async)
+    preempted: list[str] = field(default_factory=list)  # requests whose blocks are freed now: drain their saves
+    num_prefill_tokens: int = 0  # prompt tokens this step computes (for the load-or-recompute estimate)
+    background_saves: bool = False  # transfer.mode async: saves run after the step; blocks held till done

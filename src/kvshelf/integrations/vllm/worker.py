@@ -1,32 +1,73 @@
 """The worker half: copy chunks between the shelf and vLLM's paged KV cache.
 
-A chunk that cannot be loaded (evicted, damaged, store down) reports its blocks as load
-errors, so vLLM recomputes them: a failed load costs time, never correctness.
+Loads the plan marks synchronous run in start_load_kv, before the forward pass; the others run
+on a loader thread while the engine keeps stepping, and get_finished reports them. Saves run in
+wait_for_save, or with `transfer.mode: async` on a saver thread: the request's blocks are held
+(the scheduler's request_finished returns delay-free) until its KV is copied out of them, then
+get_finished reports the request and vLLM frees them; storing, pushing and writing through go on
+from the copies. A request preempted with a copy still pending is waited for in
+handle_preemptions, before vLLM overwrites its blocks.
 
-Nothing a store holds may reach vLLM's engine core as an exception (which kills it) or as KV
-of another shape (which leaves stale KV in the layers it does not cover): each loaded chunk's
-shape is checked against the paged cache before it is scattered, and any exception while
-loading, saving or pushing one transfer is contained to that transfer, logged in one line (at
-most one per reason per period) and counted; a failed load reports the transfer's blocks.
+Who owns which block when: a background load writes only blocks vLLM allocated to a request
+waiting for it (WAITING_FOR_REMOTE_KVS), which vLLM neither reads nor frees until the load is
+reported; a background save reads only blocks of a request that is running (its prompt's blocks
+are never rewritten), finished (held by delay-free) or preempted (drained first).
+
+A chunk that cannot be loaded (evicted, damaged, store down) reports its blocks as load errors,
+so vLLM recomputes them: a failed load costs time, never correctness. Nothing a store holds may
+reach vLLM's engine core as an exception (which kills it) or as KV of another shape (which
+leaves stale KV in the layers it does not cover): each loaded chunk's shape is checked against
+the paged cache before it is scattered, and any exception while loading, saving or handing over
+one transfer is contained to that transfer, logged in one line (at most one per reason per
+period) and counted.
 """
 
-import dataclasses
-import functools
 import logging
+import queue
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 
-from kvshelf.disagg.transfer import KVPusher, TransferCounters
+from kvshelf.disagg.handover import HandOver
+from kvshelf.disagg.transfer import TransferCounters
 from kvshelf.integrations.vllm.context import EngineFacts
 from kvshelf.integrations.vllm.paged import PagedKV, block_views, check_cpu_layout
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.integrations.vllm.stats import flat_counters
-from kvshelf.keys import Namespace
+from kvshelf.keys import Prompt
 from kvshelf.ports import QuietLog
 from kvshelf.shelf import Shelf
 
 logger = logging.getLogger(__name__)
+HAND_OVER_POLL_S = 0.01  # how often a load waiting for handed-over KV looks again
+MAX_QUEUED_PREFETCHES = 8
+
+
+class JobThread:
+    """One daemon thread running jobs in order; a failing job is logged and the next one runs."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        """Run what is queued, then stop."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - jobs contain their own failures; this is a last resort
+                logger.exception("kvshelf: a background transfer failed")
 
 
 class WorkerSide:
@@ -38,13 +79,23 @@ class WorkerSide:
         self._head_dim = facts.base_namespace.layout.head_dim
         self._cpu_isa = cpu_isa
         self.paged: PagedKV | None = None
-        self.failed_block_ids: set[int] = set()
-        self._failed_request_ids: set[str] = set()
-        self.num_load_failed_tokens = 0
         self.transfer_counters = TransferCounters()
-        self.pusher = KVPusher(shelf.config.pd.push_timeout_s, self.transfer_counters, shelf.keyring)
-        self._reported: dict[str, int] = {}
+        self.hand_over = HandOver(shelf, self.transfer_counters)
         self._log = QuietLog(logger)
+        self._reported: dict[str, int] = {}
+        # Shared with the loader and saver threads, under _lock.
+        self._lock = threading.Condition()
+        self._failed_block_ids: set[int] = set()
+        self.num_load_failed_tokens = 0
+        self._loaded: set[str] = set()  # background loads done (or failed) since the last get_finished
+        self._copying: Counter[str] = Counter()  # background saves per request still reading its blocks
+        self._held: set[str] = set()  # requests whose blocks the scheduler holds for a background save
+        self._finished: set[str] = set()  # ... of those, the ones vLLM has finished
+        self._prefetching: set[str] = set()  # requests with a prefetch queued
+        self._loader = JobThread("kvshelf-load")
+        self._saver = JobThread("kvshelf-save")
+        self._step_started_s = 0.0
+        self.on_prefill: Callable[[int, float], None] | None = None  # (prompt tokens, seconds) of a step
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Layer caches in model order, as vLLM registers them."""
@@ -58,46 +109,117 @@ class WorkerSide:
                 f"vLLM's KV cache has blocks of {self.paged.block_size} tokens, expected {self.block_size}"
             )
 
-    def load(self, plan: StepPlan) -> None:
-        self.failed_block_ids = set()
-        self._failed_request_ids = set()
+    # ---- a step: handle_preemptions, start_load_kv, (forward), wait_for_save, get_finished ----
+
+    def handle_preemptions(self, plan: StepPlan) -> None:
+        """Before vLLM reuses the blocks of preempted requests: wait until no save still reads them."""
+        self._step_started_s = time.perf_counter()
+        with self._lock:
+            self._lock.wait_for(lambda: not any(self._copying[request_id] for request_id in plan.preempted))
+
+    def load(self, plan: StepPlan) -> set[str]:
+        """Run the plan's synchronous loads now and queue its background ones; returns the requests
+        whose synchronous load failed (their KV this step must not be saved)."""
+        failed_request_ids = set()
         for transfer in plan.loads:
-            try:
-                loaded_end, wrong_shape = self._load(transfer)
-                reason, why = ("shape", wrong_shape) if wrong_shape else ("missing", "not stored, or not readable")
-            except Exception as exc:  # noqa: BLE001 - an exception here would end vLLM's engine core
-                # Blocks scattered before the failure are recomputed too.
-                loaded_end, reason, why = transfer.start, "error", f"{type(exc).__name__}: {exc}"
-            if loaded_end < transfer.end:
-                self._report_failed(transfer, loaded_end, reason, why)
+            if not self._load_contained(transfer):
+                failed_request_ids.add(transfer.request_id)
+        for transfer in plan.async_loads:
+            self._loader.submit(lambda transfer=transfer: self._load_in_background(transfer))
+        return failed_request_ids
+
+    def save(self, plan: StepPlan, failed_request_ids: set[str]) -> None:
+        if self._step_started_s and plan.num_prefill_tokens and self.on_prefill is not None:
+            self.on_prefill(plan.num_prefill_tokens, time.perf_counter() - self._step_started_s)
+        for transfer in plan.saves:
+            if transfer.request_id in failed_request_ids:
+                # This step's KV attended to blocks that failed to load: never store it. vLLM
+                # recomputes the request, and its finished prefill is saved then.
+                continue
+            if not plan.background_saves:
+                self._save_contained(transfer)
+                continue
+            with self._lock:
+                self._copying[transfer.request_id] += 1
+                self._held.add(transfer.request_id)
+            self._saver.submit(lambda transfer=transfer: self._save_in_background(transfer))
+
+    def finished(self, finished_request_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """vLLM's get_finished: (requests whose background saves no longer need their blocks,
+        requests whose background loads are done)."""
+        with self._lock:
+            self._finished |= finished_request_ids & self._held
+            self._prefetching -= finished_request_ids
+            sent = {request_id for request_id in self._finished if not self._copying[request_id]}
+            self._finished -= sent
+            self._held -= sent
+            for request_id in sent:
+                del self._copying[request_id]
+            loaded, self._loaded = self._loaded, set()
+        return sent or None, loaded or None
+
+    def take_failed_block_ids(self) -> set[int]:
+        with self._lock:
+            failed, self._failed_block_ids = self._failed_block_ids, set()
+        return failed
+
+    # ---- loads ----
+
+    def _load_in_background(self, transfer: Transfer) -> None:
+        try:
+            if transfer.wait_s:
+                self._wait_for_hand_over(transfer)
+            self._load_contained(transfer)
+        finally:
+            with self._lock:
+                self._loaded.add(transfer.request_id)
+
+    def _wait_for_hand_over(self, transfer: Transfer) -> None:
+        """Until the prompt's KV a prefill instance is handing over has arrived, or `wait_s` passed."""
+        deadline_s = time.monotonic() + transfer.wait_s
+        prompt = transfer.prompt.with_rank(self.tp_rank)
+        while not self.shelf.holds(prompt, transfer.end) and time.monotonic() < deadline_s:
+            time.sleep(HAND_OVER_POLL_S)
+
+    def _load_contained(self, transfer: Transfer) -> bool:
+        """Load one transfer; report what did not load. True if all of it did."""
+        try:
+            loaded_end, wrong_shape = self._load(transfer)
+            reason, why = ("shape", wrong_shape) if wrong_shape else ("missing", "not stored, or not readable")
+        except Exception as exc:  # noqa: BLE001 - an exception here would end vLLM's engine core
+            # Blocks scattered before the failure are recomputed too.
+            loaded_end, reason, why = transfer.start, "error", f"{type(exc).__name__}: {exc}"
+        if loaded_end >= transfer.end:
+            return True
+        self._report_failed(transfer, loaded_end, reason, why)
+        return False
 
     def _load(self, transfer: Transfer) -> tuple[int, str | None]:
         """Scatter the transfer's stored chunks into its blocks; returns where the KV loaded ends,
         and what was wrong with the chunk there if it was the wrong shape."""
         chunk_size = self.shelf.chunk_size
+        prompt = transfer.prompt.with_rank(self.tp_rank)
         # Tokens before `start` are in vLLM's own prefix cache: read only the chunks after them.
-        namespace = self._namespace(transfer)
-        loaded = self.shelf.load(
-            transfer.token_ids, namespace, transfer.end, transfer.mm_hashes, transfer.start, tail=True
-        )
+        loaded = self.shelf.load(prompt.token_ids, prompt.namespace, transfer.end, prompt.mm_hashes, transfer.start,
+                                 tail=True)
         loaded_end = max(min(loaded.end, transfer.end), transfer.start)
         for index, chunk in enumerate(loaded.chunks, start=loaded.start // chunk_size):
             # Blocks before `start` already hold vLLM's own cached KV (possibly shared): leave them.
             begin, end = max(index * chunk_size, transfer.start), min((index + 1) * chunk_size, loaded_end)
             if begin >= end:
                 break
-            wrong_shape = self._wrong_shape(chunk, transfer, index)
+            wrong_shape = self._wrong_shape(chunk, len(prompt), index)
             if wrong_shape:
                 return begin, wrong_shape
             block_ids = transfer.block_ids[begin // self.block_size :]
             self.paged.scatter(chunk, block_ids, first_token=begin - index * chunk_size, num_tokens=end - begin)
         return loaded_end, None
 
-    def _wrong_shape(self, chunk: torch.Tensor, transfer: Transfer, index: int) -> str | None:
+    def _wrong_shape(self, chunk: torch.Tensor, num_prompt_tokens: int, index: int) -> str | None:
         """What is wrong with chunk `index` of the prompt for the paged cache, if anything: it must
         hold every layer (one of fewer would leave stale KV in the others), its tokens, the cache's
         heads, head_dim and dtype."""
-        num_tokens = min(self.shelf.chunk_size, len(transfer.token_ids) - index * self.shelf.chunk_size)
+        num_tokens = min(self.shelf.chunk_size, num_prompt_tokens - index * self.shelf.chunk_size)
         keys = self.paged.layers[0][0]  # (num_blocks, block_size, kv_heads, head_dim)
         expected = (len(self.paged.layers), 2, num_tokens, *keys.shape[2:])
         if tuple(chunk.shape) == expected and chunk.dtype == keys.dtype:
@@ -109,57 +231,82 @@ class WorkerSide:
         failed = transfer.block_ids[loaded_end // self.block_size : -(-transfer.end // self.block_size)]
         self._log.warning(reason, "kvshelf: request %s: %d tokens could not be loaded (%s); vLLM recomputes them",
                           transfer.request_id, transfer.end - loaded_end, why)
-        self.failed_block_ids.update(failed)
-        self._failed_request_ids.add(transfer.request_id)
-        self.num_load_failed_tokens += transfer.end - loaded_end
+        with self._lock:
+            self._failed_block_ids.update(failed)
+            self.num_load_failed_tokens += transfer.end - loaded_end
 
-    def save(self, plan: StepPlan) -> None:
-        write_through = False
-        for transfer in plan.saves:
-            if transfer.request_id in self._failed_request_ids:
-                # This step's KV attended to blocks that failed to load: never store it. vLLM
-                # recomputes the request, and its finished prefill is saved then.
-                continue
+    # ---- prefetch ----
+
+    def prefetch(self, request_id: str, prompt: Prompt, located: list[str]) -> None:
+        """Promote the chunks a lookup found below the memory tier into memory now, so the request's
+        load finds them there. Bounded (MAX_QUEUED_PREFETCHES); dropped if the request ends first."""
+        if all(tier == "memory" for tier in located):
+            return
+        with self._lock:
+            if request_id in self._prefetching or len(self._prefetching) >= MAX_QUEUED_PREFETCHES:
+                return
+            self._prefetching.add(request_id)
+        num_tokens = self.shelf.held_tokens(len(prompt), len(located))
+
+        def promote() -> None:
+            with self._lock:
+                if request_id not in self._prefetching:  # finished (or aborted) meanwhile
+                    return
+                self._prefetching.discard(request_id)
             try:
-                write_through = self._save(transfer) or write_through
-            except Exception as exc:  # noqa: BLE001 - a failed save costs a later recompute, never the step
-                self._log.warning("save", "kvshelf: request %s: saving its KV failed (%s: %s); it is not stored",
-                                  transfer.request_id, type(exc).__name__, exc)
-                self.shelf.metrics.counters.dropped_writes += 1
-        if write_through:
-            # ... as soon as this step's output is out, so the writes must be done by then.
-            try:
-                self.shelf.flush()
-            except Exception as exc:  # noqa: BLE001 - the write-through is lost, not the step
-                self._log.warning("flush", "kvshelf: writing KV through for the decode instance failed (%s: %s)",
-                                  type(exc).__name__, exc)
+                self.shelf.load(prompt.token_ids, prompt.namespace, num_tokens, prompt.mm_hashes, tail=True)
+            except Exception as exc:  # noqa: BLE001 - a failed prefetch is a slower load, never an error
+                self._log.warning("prefetch", "kvshelf: prefetching request %s failed (%s: %s)",
+                                  request_id, type(exc).__name__, exc)
 
-    def _save(self, transfer: Transfer) -> bool:
-        """Save the transfer's chunks (and hand them over); True if they must be written through now."""
-        namespace = self._namespace(transfer)
-        # Cached: a push reads the chunks the save just copied out (the memory tier keeps them anyway).
-        chunk_at = functools.cache(self._chunk_reader(transfer))
-        self.shelf.save_chunks(
-            transfer.token_ids[: transfer.end], namespace, chunk_at, transfer.start, transfer.mm_hashes,
-            tail=transfer.hand_over,
-        )
-        if not transfer.hand_over:
-            return False
-        # Not pushed (or the push failed): the decode instance looks in the shared tiers.
-        return not self._push(transfer, namespace, chunk_at)
+        self._loader.submit(promote)
 
-    def _push(self, transfer: Transfer, namespace: Namespace, chunk_at: Callable[[int], torch.Tensor]) -> bool:
-        """Push the transfer's chunks to its decode instance; True if they all arrived."""
-        if transfer.push_to is None:
-            return False
+    # ---- saves ----
+
+    def _save_in_background(self, transfer: Transfer) -> None:
+        chunks = None
         try:
-            keys = self.shelf.chunk_keys(transfer.token_ids, namespace, transfer.mm_hashes, tail=True)
-            return self.pusher.push(transfer.push_to, keys, chunk_at)
-        except Exception as exc:  # noqa: BLE001 - the pusher contains its own failures; this is for the rest
-            self._log.warning("push", "kvshelf: request %s: pushing its KV failed (%s: %s); handing it over "
-                              "through the shared tiers", transfer.request_id, type(exc).__name__, exc)
-            self.transfer_counters.push_failures += 1
-            return False
+            chunks = self._copy_out(transfer)
+        except Exception as exc:  # noqa: BLE001 - a failed save costs a later recompute, never the engine
+            self._save_failed(transfer, exc)
+        finally:
+            with self._lock:
+                self._copying[transfer.request_id] -= 1
+                self._lock.notify_all()
+        if chunks is not None and transfer.hand_over:
+            self._hand_over_contained(transfer, chunks)
+
+    def _save_contained(self, transfer: Transfer) -> None:
+        try:
+            chunks = self._copy_out(transfer)
+        except Exception as exc:  # noqa: BLE001 - a failed save costs a later recompute, never the step
+            self._save_failed(transfer, exc)
+            return
+        if transfer.hand_over:
+            self._hand_over_contained(transfer, chunks)
+
+    def _copy_out(self, transfer: Transfer) -> list[torch.Tensor] | None:
+        """Everything the save needs from the request's blocks: a plain save stores the chunks the
+        memory tier lacks now; a hand-over copies every chunk of the prompt, tail included, for
+        `_hand_over_contained` to store and send after the blocks are released."""
+        chunk_at = self._chunk_reader(transfer)
+        if transfer.hand_over:
+            return [chunk_at(index) for index in range(-(-(transfer.end - transfer.start) // self.shelf.chunk_size))]
+        prompt = transfer.prompt.with_rank(self.tp_rank)
+        self.shelf.save_chunks(prompt.token_ids[: transfer.end], prompt.namespace, chunk_at, transfer.start,
+                               prompt.mm_hashes)
+        return None
+
+    def _hand_over_contained(self, transfer: Transfer, chunks: list[torch.Tensor]) -> None:
+        try:
+            self.hand_over.send(transfer.prompt.with_rank(self.tp_rank), chunks, transfer.push_to)
+        except Exception as exc:  # noqa: BLE001 - the hand-over is lost (the decode side recomputes), not the step
+            self._save_failed(transfer, exc)
+
+    def _save_failed(self, transfer: Transfer, exc: Exception) -> None:
+        self._log.warning("save", "kvshelf: request %s: saving its KV failed (%s: %s); it is not stored",
+                          transfer.request_id, type(exc).__name__, exc)
+        self.shelf.metrics.counters.dropped_writes += 1
 
     def _chunk_reader(self, transfer: Transfer) -> Callable[[int], torch.Tensor]:
         """chunk_at(i): the i-th chunk of `transfer` (from its start), copied from the request's blocks."""
@@ -173,8 +320,7 @@ class WorkerSide:
 
         return chunk_at
 
-    def _namespace(self, transfer: Transfer) -> Namespace:
-        return dataclasses.replace(transfer.namespace, tp_rank=self.tp_rank)
+    # ----
 
     def counters_since_last_report(self) -> dict[str, int]:
         current = flat_counters(self.shelf, self.num_load_failed_tokens, self.transfer_counters)
@@ -182,6 +328,8 @@ class WorkerSide:
         self._reported = current
         return increments
 
-    def take_failed_block_ids(self) -> set[int]:
-        failed, self.failed_block_ids = self.failed_block_ids, set()
-        return failed
+    def close(self) -> None:
+        """Finish queued loads and saves, then the hand-over channels."""
+        self._loader.close()
+        self._saver.close()
+        self.hand_over.close()
