@@ -89,6 +89,29 @@ class Namespace:
 
 
 @dataclass(frozen=True)
+class Chunking:
+    """How a prompt of `num_tokens` splits into chunks of `size` tokens, the last maybe a partial tail."""
+
+    size: int
+
+    def count(self, num_tokens: int) -> int:
+        """Chunks holding `num_tokens` tokens, a trailing partial one included."""
+        return -(-num_tokens // self.size)
+
+    def floor(self, num_tokens: int) -> int:
+        """The tokens of the full chunks among the first `num_tokens`."""
+        return num_tokens // self.size * self.size
+
+    def span(self, index: int, num_tokens: int) -> tuple[int, int]:
+        """Tokens [begin, end) of chunk `index` of a prompt of `num_tokens`."""
+        return index * self.size, min((index + 1) * self.size, num_tokens)
+
+    def tokens_in(self, index: int, num_tokens: int) -> int:
+        begin, end = self.span(index, num_tokens)
+        return end - begin
+
+
+@dataclass(frozen=True)
 class Prompt:
     """One request's prompt as the shelf sees it: its tokens, what they mean (namespace), and the
     content hashes of its images, audio and video ((token position, hash), see `chunk_keys`)."""

@@ -15,10 +15,11 @@ import torch
 from kvshelf.codecs.framing import Expected
 from kvshelf.config import RedisConfig, ShelfConfig, load_config
 from kvshelf.errors import ConfigError, TierUnavailable
-from kvshelf.keys import ChunkKey, MMHashes, Namespace, Prompt, chunk_keys
+from kvshelf.keys import ChunkKey, Chunking, MMHashes, Namespace, Prompt, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.security import Keyring
 from kvshelf.shelf.codec_choice import CodecChoice
+from kvshelf.shelf.events import ChunkEvents
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
 from kvshelf.tiers.disk import DiskTier
@@ -61,6 +62,7 @@ class Shelf:
     def __init__(self, config: ShelfConfig | None = None) -> None:
         self.config = config or ShelfConfig()
         self.chunk_size = self.config.chunk_size
+        self.chunking = Chunking(self.chunk_size)
         self.keyring = Keyring.from_config(self.config.security)
         lower = []
         self.inbox: InboxTier | None = None
@@ -77,6 +79,7 @@ class Shelf:
         self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, counters, self.config.tier_backoff_s,
                                 self.keyring)
         self.metrics = ShelfMetrics(counters, self._stack.tiers)
+        self.events = ChunkEvents(self._stack.tiers)  # what the tiers store and drop, for KV cache events
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
         self._closed = False
 
@@ -136,7 +139,7 @@ class Shelf:
         """Whether the shelf holds the prompt's first `num_tokens` (a stored tail counts); not counted
         in the statistics (a load waiting for KV still on its way asks this repeatedly)."""
         keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
-        needed = keys[: -(-num_tokens // self.chunk_size)]
+        needed = keys[: self.chunking.count(num_tokens)]
         return len(self._stack.locate_prefix(needed)) == len(needed)
 
     def held_tokens(self, num_prompt_tokens: int, num_chunks: int) -> int:
@@ -163,12 +166,12 @@ class Shelf:
         started_s = time.perf_counter()
         first_chunk = start // self.chunk_size
         if tail:
-            num_chunks = -(-upto // self.chunk_size)
+            num_chunks = self.chunking.count(upto)
             keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)[first_chunk:num_chunks]
         else:
             keys = self.chunk_keys(token_ids[:upto], namespace, mm_hashes)[first_chunk:]
         num_tokens = len(token_ids)  # a stored tail is the prompt's last, partial chunk
-        expected = [Expected(namespace.layout, min(self.chunk_size, num_tokens - index * self.chunk_size))
+        expected = [Expected(namespace.layout, self.chunking.tokens_in(index, num_tokens))
                     for index in range(first_chunk, first_chunk + len(keys))]
         chunks = self._stack.get_prefix(keys, expected)
         self.metrics.load_seconds.observe(time.perf_counter() - started_s)
@@ -216,8 +219,7 @@ class Shelf:
         for index, (key, held) in enumerate(zip(keys, self._stack.memory.get_many(keys))):
             if held is None:
                 held = chunk_at(index)
-                chunk_start = (first_chunk + index) * self.chunk_size
-                self._check_kv(held, namespace, min(self.chunk_size, len(token_ids) - chunk_start))
+                self._check_kv(held, namespace, self.chunking.tokens_in(first_chunk + index, len(token_ids)))
                 new_items.append((key, held))
             items.append((key, held))
         self._stack.memory.put_many(new_items)
@@ -247,6 +249,24 @@ class Shelf:
 
     def stats(self) -> dict:
         return self.metrics.snapshot()
+
+    def clear(self) -> bool:
+        """Empty this instance's own tiers (vLLM's reset_prefix_cache with reset_external): memory,
+        inbox, and disk (every chunk under disk.path this process knows of, see DiskTier); True if
+        all were emptied. A shared tier (Redis) is left alone: it holds the whole fleet's KV, which
+        one instance's reset must not take from the others (`kvshelf clear` empties it). Queued
+        writes run first, so that none lands after the reset."""
+        self.flush()
+        cleared = True
+        for tier in self._stack.tiers:
+            if tier.shared:
+                continue
+            try:
+                tier.clear()
+            except TierUnavailable as exc:
+                logger.warning("kvshelf: could not empty the %s tier: %s", tier.name, exc)
+                cleared = False
+        return cleared
 
     def flush(self) -> None:
         """Wait until background writes have finished (for tests, benchmarks and shutdown)."""

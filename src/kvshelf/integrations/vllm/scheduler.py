@@ -32,7 +32,7 @@ import numpy as np
 
 from kvshelf.integrations.vllm.context import EngineFacts, mm_hashes, request_namespace
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
-from kvshelf.keys import Prompt
+from kvshelf.keys import Chunking, Prompt
 from kvshelf.ports import QuietLog, is_tcp_address, push_to_is_signed
 from kvshelf.security import Keyring
 
@@ -84,7 +84,7 @@ class SchedulerSide:
         `background`: transfer.mode async. `hand_over_wait_s`: how long a decode-side load waits
         for KV a prefill instance is handing over (pd.push_timeout_s)."""
         self.locate = locate
-        self.chunk_size = chunk_size
+        self.chunking = Chunking(chunk_size)
         self.facts = facts
         self.role = role
         self.keyring = keyring
@@ -110,17 +110,17 @@ class SchedulerSide:
         if prompt_ids and stored == len(prompt_ids):  # all stored (ending in a chunk or a tail)
             usable = len(prompt_ids) - 1
         else:
-            usable = min(stored, (len(prompt_ids) - 1) // self.chunk_size * self.chunk_size)
+            usable = min(stored, self.chunking.floor(len(prompt_ids) - 1))
         num_tokens = max(usable - num_computed_tokens, 0)
         if not num_tokens:
             return 0, False
-        first, last = num_computed_tokens // self.chunk_size, -(-usable // self.chunk_size)
+        first, last = num_computed_tokens // self.chunking.size, self.chunking.count(usable)
         from_memory = all(tier == MEMORY_TIER for tier in state.located[first:last])
         state.load_async = self.background and not (from_memory and last <= len(state.located))
         return num_tokens, state.load_async
 
     def _stored_tokens(self, state: RequestState) -> int:
-        return min(len(state.located) * self.chunk_size, len(state.prompt))
+        return min(len(state.located) * self.chunking.size, len(state.prompt))
 
     def _push_to(self, request: Any) -> str | None:
         """Where to push the request's KV: its `kv_transfer_params.kvshelf.push_to` if that is
@@ -215,10 +215,10 @@ class SchedulerSide:
             plan.saves.append(self._transfer(request_id, state, 0, prompt_tokens, hand_over=True))
             state.saving = True
             return
-        full_tokens = prompt_tokens // self.chunk_size * self.chunk_size
+        full_tokens = self.chunking.floor(prompt_tokens)
         stored = self._stored_tokens(state)
         if full_tokens > stored:
-            plan.saves.append(self._transfer(request_id, state, stored - stored % self.chunk_size, full_tokens))
+            plan.saves.append(self._transfer(request_id, state, self.chunking.floor(stored), full_tokens))
             state.saving = True
 
     def _transfer(self, request_id: str, state: RequestState, start: int, end: int, hand_over: bool = False,
@@ -233,7 +233,7 @@ class SchedulerSide:
         for state in self.requests.values():
             failed = [index for index, block_id in enumerate(state.block_ids) if block_id in invalid_block_ids]
             if failed:
-                first_failed_chunk = failed[0] * self.facts.block_size // self.chunk_size
+                first_failed_chunk = failed[0] * self.facts.block_size // self.chunking.size
                 del state.located[first_failed_chunk:]
                 state.handed_over = 0
 
@@ -242,13 +242,12 @@ class SchedulerSide:
         state = self.requests.get(request.request_id)
         if state is None or not num_external_tokens:
             return {}
-        start = state.local_tokens
+        start, end = state.local_tokens, state.local_tokens + num_external_tokens
         sources: dict[str, int] = {}
-        for position in range(start, start + num_external_tokens, self.chunk_size):
-            index = position // self.chunk_size
+        for index in range(start // self.chunking.size, self.chunking.count(end)):
             tier = state.located[index] if index < len(state.located) else "inbox"  # still being handed over
-            tokens = min((index + 1) * self.chunk_size, start + num_external_tokens) - position
-            sources[tier] = sources.get(tier, 0) + tokens
+            begin, chunk_end = self.chunking.span(index, end)
+            sources[tier] = sources.get(tier, 0) + chunk_end - max(begin, start)
         return sources
 
     def finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:

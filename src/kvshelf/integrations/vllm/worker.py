@@ -197,29 +197,30 @@ class WorkerSide:
     def _load(self, transfer: Transfer) -> tuple[int, str | None]:
         """Scatter the transfer's stored chunks into its blocks; returns where the KV loaded ends,
         and what was wrong with the chunk there if it was the wrong shape."""
-        chunk_size = self.shelf.chunk_size
+        chunking = self.shelf.chunking
         prompt = transfer.prompt.with_rank(self.tp_rank)
         # Tokens before `start` are in vLLM's own prefix cache: read only the chunks after them.
         loaded = self.shelf.load(prompt.token_ids, prompt.namespace, transfer.end, prompt.mm_hashes, transfer.start,
                                  tail=True)
         loaded_end = max(min(loaded.end, transfer.end), transfer.start)
-        for index, chunk in enumerate(loaded.chunks, start=loaded.start // chunk_size):
+        for index, chunk in enumerate(loaded.chunks, start=loaded.start // chunking.size):
             # Blocks before `start` already hold vLLM's own cached KV (possibly shared): leave them.
-            begin, end = max(index * chunk_size, transfer.start), min((index + 1) * chunk_size, loaded_end)
+            chunk_begin, chunk_end = chunking.span(index, loaded_end)
+            begin, end = max(chunk_begin, transfer.start), chunk_end
             if begin >= end:
                 break
             wrong_shape = self._wrong_shape(chunk, len(prompt), index)
             if wrong_shape:
                 return begin, wrong_shape
             block_ids = transfer.block_ids[begin // self.block_size :]
-            self.paged.scatter(chunk, block_ids, first_token=begin - index * chunk_size, num_tokens=end - begin)
+            self.paged.scatter(chunk, block_ids, first_token=begin - chunk_begin, num_tokens=end - begin)
         return loaded_end, None
 
     def _wrong_shape(self, chunk: torch.Tensor, num_prompt_tokens: int, index: int) -> str | None:
         """What is wrong with chunk `index` of the prompt for the paged cache, if anything: it must
         hold every layer (one of fewer would leave stale KV in the others), its tokens, the cache's
         heads, head_dim and dtype."""
-        num_tokens = min(self.shelf.chunk_size, num_prompt_tokens - index * self.shelf.chunk_size)
+        num_tokens = self.shelf.chunking.tokens_in(index, num_prompt_tokens)
         keys = self.paged.layers[0][0]  # (num_blocks, block_size, kv_heads, head_dim)
         expected = (len(self.paged.layers), 2, num_tokens, *keys.shape[2:])
         if tuple(chunk.shape) == expected and chunk.dtype == keys.dtype:
@@ -291,7 +292,7 @@ class WorkerSide:
         `_hand_over_contained` to store and send after the blocks are released."""
         chunk_at = self._chunk_reader(transfer)
         if transfer.hand_over:
-            return [chunk_at(index) for index in range(-(-(transfer.end - transfer.start) // self.shelf.chunk_size))]
+            return [chunk_at(index) for index in range(self.shelf.chunking.count(transfer.end - transfer.start))]
         prompt = transfer.prompt.with_rank(self.tp_rank)
         self.shelf.save_chunks(prompt.token_ids[: transfer.end], prompt.namespace, chunk_at, transfer.start,
                                prompt.mm_hashes)
@@ -310,12 +311,12 @@ class WorkerSide:
 
     def _chunk_reader(self, transfer: Transfer) -> Callable[[int], torch.Tensor]:
         """chunk_at(i): the i-th chunk of `transfer` (from its start), copied from the request's blocks."""
-        chunk_size, chunk_blocks = self.shelf.chunk_size, self.shelf.chunk_size // self.block_size
+        chunking, chunk_blocks = self.shelf.chunking, self.shelf.chunk_size // self.block_size
         first_block = transfer.start // self.block_size
 
         def chunk_at(index: int) -> torch.Tensor:
             begin = first_block + index * chunk_blocks
-            num_tokens = min(chunk_size, transfer.end - transfer.start - index * chunk_size)
+            num_tokens = chunking.tokens_in(index, transfer.end - transfer.start)
             return self.paged.gather(transfer.block_ids[begin : begin + chunk_blocks], num_tokens)
 
         return chunk_at
