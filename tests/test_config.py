@@ -258,3 +258,15 @@ def test_only_the_default_key_file_is_made_on_first_use(tmp_path):
         Keyring.from_config(load_config(environ={}, security_key_file=str(tmp_path / "missing.key")).security)
     default = load_config(environ={"KVSHELF_HOME": str(tmp_path / "home")}).security
     assert Keyring.from_config(default).keyed and (tmp_path / "home" / "secret.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_connectors_settings_name_a_file_and_override_it_with_dotted_or_underscored_keys(tmp_path):
+    from kvshelf.config import connector_config
+
+    path = tmp_path / "kvshelf.yaml"
+    path.write_text("chunk_size: 128\nmemory:\n  size: 1GiB\n")
+    config = connector_config({"config_file": str(path), "model_id": "my-model@rev", "memory.size": "2GiB",
+                               "writer_queue_size": 8})
+    assert (config.chunk_size, config.memory.size_bytes, config.writer_queue_size) == (128, 2 * 2**30, 8)
+    with pytest.raises(ConfigError, match="unknown config keyword"):
+        connector_config({"chunk_sise": 128})

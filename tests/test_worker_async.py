@@ -201,3 +201,21 @@ def test_a_prefetch_for_a_finished_request_is_dropped(shelf, namespace, tmp_path
         gate.set()
         worker.close()
         assert other.locate(prompt) == ["disk", "disk"]
+
+
+def test_a_lookup_answer_keeps_only_what_loads_faster_than_it_computes_and_prefetches_it(shelf, namespace):
+    worker = make_worker(shelf, namespace)
+    try:
+        prompt = Prompt(TOKENS, namespace)
+        gate = threading.Event()
+        worker._loader.submit(lambda: gate.wait(PATIENCE_S))  # hold the prefetch in the queue to see it
+        assert worker.located("request-1", prompt, ["memory", "disk"]) == ["memory", "disk"]  # nothing measured
+        assert worker._prefetching == {"request-1"}
+        # This engine computes 128 tokens in a microsecond, the disk reads a byte a second.
+        shelf.cost.note_prefill(128, 1e-6)
+        shelf._stack.lower[0].codecs.note_read(1, 1.0)
+        assert worker.located("request-2", prompt, ["memory", "disk"]) == ["memory"]
+        assert shelf.stats()["load_refused_tokens"] == CHUNK_SIZE
+        gate.set()
+    finally:
+        worker.close()

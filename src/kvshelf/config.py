@@ -42,6 +42,9 @@ from kvshelf.codecs import CODECS
 from kvshelf.errors import ConfigError
 
 CONFIG_FILE_ENV = "KVSHELF_CONFIG"
+# Keys of a connector's settings (connector_config) that are not kvshelf config keys.
+CONFIG_FILE_KEY = "config_file"
+MODEL_ID_KEY = "model_id"
 # KVSHELF_* variables that are not configuration keys: the config file, the home directory, and
 # `kvshelf proxy`'s keys (read by the proxy, which also reads this configuration for security.*).
 NON_CONFIG_ENV = {CONFIG_FILE_ENV, "KVSHELF_HOME", "KVSHELF_PROXY_API_KEY", "KVSHELF_PROXY_ADMIN_KEY"}
@@ -205,6 +208,18 @@ def load_config(
     values.update(_read_env(environ))
     values.update(_read_overrides(overrides))
     return _build(values, default_home(environ))
+
+
+def connector_config(extra_config: Mapping[str, Any]) -> ShelfConfig:
+    """The configuration from an engine connector's settings (vLLM's `kv_connector_extra_config`):
+    `config_file`, plus any kvshelf key (`chunk_size`, `memory.size` or `memory_size`, `disk.path`, ...)
+    overriding the file and the environment. `model_id` is the connector's, not a config key."""
+    overrides = {
+        key.replace(".", "_"): value
+        for key, value in extra_config.items()
+        if key not in (CONFIG_FILE_KEY, MODEL_ID_KEY)
+    }
+    return load_config(extra_config.get(CONFIG_FILE_KEY), **overrides)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

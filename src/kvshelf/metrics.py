@@ -17,7 +17,7 @@ from kvshelf.tiers.base import Tier
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-def _per_tier() -> defaultdict[str, int]:
+def _by_name() -> defaultdict[str, int]:
     return defaultdict(int)
 
 
@@ -26,12 +26,14 @@ class ShelfCounters:
     lookup_tokens: int = 0
     hit_tokens: int = 0
     dropped_writes: int = 0
-    loaded_bytes: defaultdict[str, int] = field(default_factory=_per_tier)
-    stored_bytes: defaultdict[str, int] = field(default_factory=_per_tier)
-    corrupt_chunks: defaultdict[str, int] = field(default_factory=_per_tier)  # failed checks: deleted
-    foreign_chunks: defaultdict[str, int] = field(default_factory=_per_tier)  # another version's: left alone
-    tier_errors: defaultdict[str, int] = field(default_factory=_per_tier)
-    skipped_ops: defaultdict[str, int] = field(default_factory=_per_tier)  # while a failed tier backs off
+    loaded_bytes: defaultdict[str, int] = field(default_factory=_by_name)
+    stored_bytes: defaultdict[str, int] = field(default_factory=_by_name)
+    corrupt_chunks: defaultdict[str, int] = field(default_factory=_by_name)  # failed checks: deleted
+    foreign_chunks: defaultdict[str, int] = field(default_factory=_by_name)  # another version's: left alone
+    tier_errors: defaultdict[str, int] = field(default_factory=_by_name)
+    skipped_ops: defaultdict[str, int] = field(default_factory=_by_name)  # while a failed tier backs off
+    load_refused_tokens: int = 0  # held tokens left to compute: loading them was estimated slower (shelf.cost)
+    store_refused_chunks: defaultdict[str, int] = field(default_factory=_by_name)  # by admission rule
 
     @property
     def miss_tokens(self) -> int:
@@ -67,6 +69,8 @@ class ShelfMetrics:
             "hit_tokens": counters.hit_tokens,
             "miss_tokens": counters.miss_tokens,
             "dropped_writes": counters.dropped_writes,
+            "load_refused_tokens": counters.load_refused_tokens,
+            "store_refused_chunks": dict(counters.store_refused_chunks),
             "tiers": {
                 tier.name: {
                     "used_bytes": tier.used_bytes,
@@ -102,6 +106,18 @@ class _CounterCollector(Collector):
             "Chunk writes dropped (writer queue full, or a tier down or failing)",
             value=counters.dropped_writes,
         )
+        yield CounterMetricFamily(
+            "kvshelf_load_refused_tokens",
+            "Held prompt tokens computed instead of loaded, as loading them was estimated slower",
+            value=counters.load_refused_tokens,
+        )
+        refused = CounterMetricFamily(
+            "kvshelf_store_refused_chunks", "Chunks not stored, by the admission rule that refused them",
+            labels=["rule"],
+        )
+        for rule, num_chunks in sorted(counters.store_refused_chunks.items()):
+            refused.add_metric([rule], num_chunks)
+        yield refused
         per_tier = {
             "loaded_bytes": CounterMetricFamily(
                 "kvshelf_loaded_bytes", "Bytes of KV read from a tier", labels=["tier"]

@@ -1,4 +1,5 @@
-"""What every kvshelf ZeroMQ port shares: CURVE authentication, message bounds, quiet logging.
+"""What every kvshelf ZeroMQ port shares: CURVE authentication, message bounds, quiet logging;
+and free loopback ports for the servers that launchers and tests start (`free_port`).
 
 kvshelf listens on two TCP ports that other machines reach: a decode instance's push receiver
 (`pd.receive_address`) and an instance's routing lookup (`lookup_address`, asked by `kvshelf
@@ -20,7 +21,9 @@ disconnected before its bytes are read or buffered. `zmq.RCVHWM` caps the messag
 """
 
 import logging
+import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -33,6 +36,7 @@ from kvshelf.security import Keyring
 
 LOG_PERIOD_S = 10.0  # a port logs one line per reason at most this often
 _PUSH_TO_CONTEXT = b"push_to\0"
+CLUSTER_BUS_OFFSET = 10000  # a redis cluster node also listens on port + 10000
 _TCP_ADDRESS = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 _authenticators: dict[int, ThreadAuthenticator] = {}  # by the libzmq context's address
@@ -130,3 +134,22 @@ class QuietLog:
         if left_out:
             message += f" ({left_out} more like it since the last such line, not logged)"
         self._logger.warning(message, *args)
+
+
+def free_port() -> int:
+    """A free loopback port for a server that a launcher or a test starts; port + 10000 is free too,
+    so a redis cluster node may take it (its bus listens there)."""
+    for _ in range(1000):
+        port = random.randint(20000, 50000)
+        if _port_is_free(port) and _port_is_free(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise RuntimeError("no free loopback port found in 20000-60000; stop servers left running there")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

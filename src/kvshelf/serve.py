@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from kvshelf.integrations.vllm.context import shelf_config
+from kvshelf.config import CONFIG_FILE_KEY, connector_config
 from kvshelf.models import bundled_model_dir, default_home
 from kvshelf.shelf import connect_redis
 from kvshelf.tiers.redis import RedisTier
@@ -48,14 +48,14 @@ def connector_extra_config(
     128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise). Its redis.url has no user:password:
     vLLM gets those through `redis_login_env`.
     """
-    extra = {"config_file": config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size,
+    extra = {CONFIG_FILE_KEY: config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size,
              "redis.url": redis_url, "pd.receive_address": receive_address, "lookup_address": lookup_address}
     extra = {key: value for key, value in extra.items() if value is not None}
     if config_file is None:
         extra.setdefault("disk.path", str(default_home() / "disk"))
         if "KVSHELF_CHUNK_SIZE" not in os.environ:
             extra.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
-    config = shelf_config(extra)
+    config = connector_config(extra)
     if config.redis is not None and config.redis.on_start_failure == "error":
         tier = RedisTier(config.redis, config.tier_backoff_s)
         connect_redis(tier)
@@ -83,7 +83,7 @@ def redis_login_env(config_file: str | None, redis_url: str | None) -> dict[str,
     """
     if redis_url is None:
         return {}
-    config = shelf_config({"config_file": config_file, "redis.url": redis_url})
+    config = connector_config({CONFIG_FILE_KEY: config_file, "redis.url": redis_url})
     first = urlsplit(redis_url.split(",")[0].strip())
     env = {}
     if first.username and config.redis.username is None:

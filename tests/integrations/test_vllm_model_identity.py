@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvshelf import KVLayout, Namespace
-from kvshelf.bench.redis_servers import free_port
 from kvshelf.disagg.launch import start_process, stop, wait_healthy
 from kvshelf.fingerprint import model_fingerprint
 from kvshelf.integrations.vllm.context import default_model_id, request_namespace
+from kvshelf.ports import free_port
 
 CHUNK_SIZE = 128
 PROMPT_TOKENS = 300  # two full chunks and a tail

@@ -30,7 +30,7 @@ def main(job: dict) -> dict:
     if job["extra_config"] is not None:
         transfer_config = {"kv_connector": "KVShelfConnector", "kv_connector_module_path": "kvshelf.integrations.vllm",
                            "kv_role": "kv_both", "kv_connector_extra_config": job["extra_config"]}
-    llm = LLM(model=str(bundled_model_dir()), dtype="float32", enforce_eager=True, max_model_len=1024,
+    llm = LLM(model=str(bundled_model_dir()), dtype="float32", enforce_eager=True, max_model_len=512,
               enable_prefix_caching=False, kv_transfer_config=transfer_config,
               num_gpu_blocks_override=job["num_blocks"], max_num_seqs=8)
     engine = llm.llm_engine

@@ -7,10 +7,11 @@ from its memory tier while the server lives, from its disk tier after the restar
 import shutil
 from pathlib import Path
 
-from kvshelf.bench.compare import SERVED_MODEL, ServerSpec, free_port, running
+from kvshelf.bench.compare import SERVED_MODEL, ServerSpec, running
 from kvshelf.bench.documents import QUESTIONS
 from kvshelf.bench.serving import Texts, record
 from kvshelf.models import bundled_model_dir
+from kvshelf.ports import free_port
 from kvshelf.serve import connector_extra_config, vllm_serve_argv
 
 PHASES = {

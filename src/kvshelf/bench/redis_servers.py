@@ -5,7 +5,6 @@ stopped by `stop()` (or on leaving a `with` block). A cluster is three or more s
 with cluster mode on, joined by `redis-cli --cluster create`.
 """
 
-import random
 import shutil
 import socket
 import subprocess
@@ -14,26 +13,9 @@ from pathlib import Path
 
 import redis
 
+from kvshelf.ports import free_port
+
 START_TIMEOUT_S = 10.0
-CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on port + 10000
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A loopback port that is free, and whose cluster bus port is free too."""
-    for _ in range(1000):
-        port = random.randint(20000, 50000)
-        if _port_is_free(port) and _port_is_free(port + CLUSTER_BUS_OFFSET):
-            return port
-    raise RuntimeError("no free loopback port found for redis-server")
 
 
 def redis_server_binary() -> str:

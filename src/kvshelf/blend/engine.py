@@ -114,9 +114,8 @@ class Blender:
         return result, missing, load_s
 
     def store_segments(self, segments: list[list[int]], namespace: Namespace) -> int:
-        """Compute each segment on its own, at positions 0.., and save its full chunks."""
-        from kvshelf.integrations.hf import cache_to_canonical
-
+        """Compute each segment on its own, at positions 0.., and save its full chunks (as the engine
+        saves a prompt: a failed save is logged, never raised)."""
         if self.engine.shelf is None:
             return 0
         segment_namespace = self.segment_namespace(namespace)
@@ -125,7 +124,5 @@ class Blender:
             with torch.inference_mode():
                 self.engine.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
                                   logits_to_keep=1)
-            num_full = len(ids) // self.engine.shelf.chunk_size * self.engine.shelf.chunk_size
-            if num_full:
-                self.engine.shelf.save(ids[:num_full], cache_to_canonical(cache, 0, num_full), segment_namespace)
+            self.engine.save_prompt(ids, cache, 0, segment_namespace)
         return len(segments)

@@ -28,7 +28,7 @@ class HandOver:
         to `push_to`, or, without one or when the push fails, written through to the shared tiers
         before this returns (the decode instance looks there)."""
         self._shelf.save_chunks(prompt.token_ids, prompt.namespace, chunks.__getitem__, 0, prompt.mm_hashes,
-                                tail=True)
+                                tail=True, admit=False)  # the decode instance needs all of it
         if push_to is not None and self._push(prompt, chunks, push_to):
             return
         self._shelf.flush()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from kvshelf.bench.redis_servers import free_port
+from kvshelf.ports import free_port
 from kvshelf.serve import connector_extra_config, redis_login_env, vllm_serve_argv
 
 START_TIMEOUT_S = 600.0

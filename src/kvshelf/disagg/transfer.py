@@ -74,7 +74,7 @@ class TransferCounters:
     pushed_chunks: int = 0
     pushed_bytes: int = 0
     push_failures: int = 0  # pushes given up (timeout, refused, unreachable)
-    push_ms: int = 0  # time spent pushing, in the prefill instance's step
+    push_ms: int = 0  # time spent pushing (after the step, on the saver thread, with transfer.mode async)
     received_chunks: int = 0
     refused_chunks: int = 0  # pushes the receiver refused because its inbox was full
     received_corrupt_chunks: int = 0  # pushed chunks refused on arrival: failed verification, never stored

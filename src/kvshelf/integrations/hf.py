@@ -133,7 +133,7 @@ class HFEngine:
             logits = self._forward(token_ids[hit_tokens:], cache)
 
             def after_first_token() -> None:
-                self._save_prompt(token_ids, cache, hit_tokens, namespace)
+                self.save_prompt(token_ids, cache, hit_tokens, namespace)
         else:
             blender = Blender(self, blend)
             layout = split_prompt(self.tokenizer, prompt, blend)
@@ -222,7 +222,9 @@ class HFEngine:
         output = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return output.logits[0, -1].float()
 
-    def _save_prompt(self, token_ids: list[int], cache: DynamicCache, hit_tokens: int, namespace: Namespace) -> None:
+    def save_prompt(self, token_ids: list[int], cache: DynamicCache, hit_tokens: int, namespace: Namespace) -> None:
+        """Save the full chunks of `token_ids` past the first `hit_tokens` from `cache`, which holds
+        their KV (in the background; a failed save is logged, never raised)."""
         if self.shelf is None:
             return
         chunk_size = self.shelf.chunk_size

@@ -4,6 +4,7 @@ Engines see only this class. KV crosses it in the canonical shape
 (layers, 2, tokens, kv_heads, head_dim), on the CPU.
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,9 @@ from kvshelf.errors import ConfigError, TierUnavailable
 from kvshelf.keys import ChunkKey, Chunking, MMHashes, Namespace, Prompt, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.security import Keyring
+from kvshelf.shelf.admission import Admission
 from kvshelf.shelf.codec_choice import CodecChoice
+from kvshelf.shelf.cost import LoadCostModel
 from kvshelf.shelf.events import ChunkEvents
 from kvshelf.shelf.stack import LowerTier, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
@@ -80,6 +83,8 @@ class Shelf:
                                 self.keyring)
         self.metrics = ShelfMetrics(counters, self._stack.tiers)
         self.events = ChunkEvents(self._stack.tiers)  # what the tiers store and drop, for KV cache events
+        self.cost = LoadCostModel({slot.tier.name: slot.codecs for slot in self._stack.lower}, counters)
+        self.admission = Admission(self.config.admission, counters)
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
         self._closed = False
 
@@ -199,9 +204,14 @@ class Shelf:
         start: int = 0,
         mm_hashes: MMHashes = (),
         tail: bool = False,
+        num_prompt_tokens: int | None = None,
+        admit: bool = True,
     ) -> int:
         """Store the full chunks of `token_ids` from token `start` (a multiple of chunk_size), and
         with `tail` the trailing partial chunk too.
+
+        The admission policy (`admission.*`) may store fewer, judging the whole prompt's length
+        (`num_prompt_tokens`, default len(token_ids)); `admit=False` stores all (a hand-over).
 
         `chunk_at(i)` returns the i-th of those chunks, (layers, 2, chunk_size, kv_heads, head_dim)
         (the tail: its own length of tokens), as a tensor the shelf keeps (no copy is made); it is
@@ -212,6 +222,8 @@ class Shelf:
             raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
         first_chunk = start // self.chunk_size
         keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)[first_chunk:]
+        if admit:
+            keys = keys[: self.admission.admitted(keys, num_prompt_tokens or len(token_ids))]
         if not keys:
             return 0
         items: list[tuple[ChunkKey, torch.Tensor]] = []
@@ -250,19 +262,22 @@ class Shelf:
     def stats(self) -> dict:
         return self.metrics.snapshot()
 
-    def clear(self) -> bool:
-        """Empty this instance's own tiers (vLLM's reset_prefix_cache with reset_external): memory,
-        inbox, and disk (every chunk under disk.path this process knows of, see DiskTier); True if
-        all were emptied. A shared tier (Redis) is left alone: it holds the whole fleet's KV, which
-        one instance's reset must not take from the others (`kvshelf clear` empties it). Queued
-        writes run first, so that none lands after the reset."""
+    def clear(self, model: Namespace | None = None) -> bool:
+        """Reset (vLLM's reset_prefix_cache with reset_external, as after a weight update): empty this
+        instance's own tiers, memory, inbox and disk (every chunk under disk.path this process knows
+        of, see DiskTier); True if all went. A shared tier (Redis) holds the fleet's KV: it drops
+        only `model`'s, every namespace of the same model, layout, rank and engine extras whatever
+        its tenant salt or adapter (what this instance could load again), and keeps other models';
+        without `model` it is left alone. Queued writes run first, so that none lands after."""
         self.flush()
         cleared = True
         for tier in self._stack.tiers:
-            if tier.shared:
-                continue
             try:
-                tier.clear()
+                if not tier.shared:
+                    tier.clear()
+                elif model is not None:
+                    plain = dataclasses.replace(model, cache_salt=None, lora_id=None)  # its description may be gone
+                    tier.clear_model(model.public_description(self.keyring), [plain.id(self.keyring)])
             except TierUnavailable as exc:
                 logger.warning("kvshelf: could not empty the %s tier: %s", tier.name, exc)
                 cleared = False

@@ -28,11 +28,11 @@ from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvshelf.integrations.vllm.context import EngineFacts, engine_facts, shelf_config
+from kvshelf.config import connector_config
+from kvshelf.integrations.vllm.context import EngineFacts, engine_facts
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
 from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
-from kvshelf.keys import Prompt
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.security import Keyring
@@ -66,7 +66,7 @@ class KVShelfConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra_config = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        config = shelf_config(extra_config)
+        config = connector_config(extra_config)
         facts = engine_facts(vllm_config, kv_cache_config, extra_config)
         if config.chunk_size % facts.block_size:
             raise ValueError(
@@ -100,17 +100,10 @@ class KVShelfConnector(KVConnectorBase_V1):
             tp_rank = get_tensor_model_parallel_rank()
             shelf = Shelf(config)
             self._worker = WorkerSide(shelf, facts, tp_rank, cpu_attention_isa(vllm_config, facts))
-            prefetch = config.transfer.mode == "async" and config.transfer.prefetch
             self._servers.append(LookupServer(shelf, lookup_address(engine_id, tp_rank),
-                                              on_located=self._located if prefetch else None))
+                                              on_located=self._worker.located))
             self._worker.hand_over.receive(facts.base_namespace.layout.bytes_per_token)
         self._failed_request_ids: set[str] = set()
-
-    def _located(self, request_id: str | None, prompt: Prompt, located: list[str]) -> list[str]:
-        """A worker's answer to the scheduler's lookup: start promoting lower-tier hits to memory."""
-        if request_id is not None and located:
-            self._worker.prefetch(request_id, prompt, located)
-        return located
 
     # ---- scheduler side ----
 

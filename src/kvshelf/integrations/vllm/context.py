@@ -1,35 +1,20 @@
-"""What both halves of the connector derive from vLLM's config: the shelf, the namespace."""
+"""What both halves of the connector derive from vLLM's config: the namespace, the paging."""
 
 import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from kvshelf.config import ShelfConfig, load_config
+from kvshelf.config import MODEL_ID_KEY
 from kvshelf.fingerprint import FingerprintCache, is_local_model, model_identity
 from kvshelf.keys import Namespace
 from kvshelf.layout import DTYPE_NAMES, KVLayout
-
-# extra_config keys that are not kvshelf config keys.
-CONFIG_FILE_KEY = "config_file"
-MODEL_ID_KEY = "model_id"
 
 logger = logging.getLogger(__name__)
 
 # request_namespace runs per request in the scheduler: an adapter is re-read only when its files change.
 _ADAPTER_FINGERPRINTS = FingerprintCache()
 _unfingerprinted_adapters: set[str] = set()
-
-
-def shelf_config(extra_config: dict[str, Any]) -> ShelfConfig:
-    """kvshelf's config from `kv_connector_extra_config`: `config_file`, plus any kvshelf key
-    (`chunk_size`, `memory.size` or `memory_size`, `disk.path`, ...) overriding the file and env."""
-    overrides = {
-        key.replace(".", "_"): value
-        for key, value in extra_config.items()
-        if key not in (CONFIG_FILE_KEY, MODEL_ID_KEY)
-    }
-    return load_config(extra_config.get(CONFIG_FILE_KEY), **overrides)
 
 
 @dataclass(frozen=True)

@@ -25,5 +25,9 @@ class StepPlan:
     async_loads: list[Transfer] = field(default_factory=list)  # in the background; reported by get_finished
     saves: list[Transfer] = field(default_factory=list)  # after the forward pass (in the background when async)
     preempted: list[str] = field(default_factory=list)  # requests whose blocks are freed now: drain their saves
-    num_prefill_tokens: int = 0  # prompt tokens this step computes (for the load-or-recompute estimate)
+    # For the load-or-recompute estimate (shelf.cost): prompt tokens this step computes, all tokens
+    # it computes, and the (query, key) pairs they attend to.
+    num_prefill_tokens: int = 0
+    num_tokens: int = 0
+    num_attention_pairs: int = 0
     background_saves: bool = False  # transfer.mode async: saves run after the step; blocks held till done

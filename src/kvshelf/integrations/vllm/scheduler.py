@@ -35,6 +35,7 @@ from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.keys import Chunking, Prompt
 from kvshelf.ports import QuietLog, is_tcp_address, push_to_is_signed
 from kvshelf.security import Keyring
+from kvshelf.shelf.cost import num_attention_pairs
 
 logger = logging.getLogger(__name__)
 # (prompt, request id) -> the tier of each leading chunk the workers hold, as far as worth loading.
@@ -208,6 +209,8 @@ class SchedulerSide:
         num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
         prompt_tokens = len(state.prompt)
         plan.num_prefill_tokens += max(min(num_scheduled, prompt_tokens - num_computed), 0)
+        plan.num_tokens += num_scheduled
+        plan.num_attention_pairs += num_attention_pairs(num_computed, num_scheduled)
         if not self.role.saves or not num_computed < prompt_tokens <= num_computed + num_scheduled:
             return  # only the step that finishes the prefill saves
         if self.role.hands_over:

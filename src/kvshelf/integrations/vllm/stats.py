@@ -18,6 +18,8 @@ DESCRIPTIONS = {
     "lookup_tokens": "Prompt tokens kvshelf was asked about",
     "hit_tokens": "Prompt tokens kvshelf could supply",
     "load_failed_tokens": "Tokens promised but not loadable (recomputed by vLLM)",
+    "load_refused_tokens": "Held tokens computed instead: loading them was estimated slower (load or recompute)",
+    "store_refused_chunks": "Chunks not stored by the admission policy",
     "dropped_writes": "Chunk writes dropped (writer queue full, or a tier down or failing)",
     "loaded_bytes": "Bytes of KV read from a tier",
     "stored_bytes": "Bytes written to a tier",
@@ -40,7 +42,8 @@ DESCRIPTIONS = {
 def flat_counters(shelf: Shelf, load_failed_tokens: int, transfers: TransferCounters) -> dict[str, int]:
     """The shelf's and the transfers' cumulative counters, one flat name each."""
     stats = shelf.stats()
-    flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes")}
+    flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes", "load_refused_tokens")}
+    flat["store_refused_chunks"] = sum(stats["store_refused_chunks"].values())
     flat["load_failed_tokens"] = load_failed_tokens
     flat.update(asdict(transfers))
     for tier_name, tier_stats in stats["tiers"].items():

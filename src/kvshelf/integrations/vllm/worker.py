@@ -94,8 +94,7 @@ class WorkerSide:
         self._prefetching: set[str] = set()  # requests with a prefetch queued
         self._loader = JobThread("kvshelf-load")
         self._saver = JobThread("kvshelf-save")
-        self._step_started_s = 0.0
-        self.on_prefill: Callable[[int, float], None] | None = None  # (prompt tokens, seconds) of a step
+        self._step_started_s = 0.0  # when this step's compute began: for the load-or-recompute estimate
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Layer caches in model order, as vLLM registers them."""
@@ -126,11 +125,14 @@ class WorkerSide:
                 failed_request_ids.add(transfer.request_id)
         for transfer in plan.async_loads:
             self._loader.submit(lambda transfer=transfer: self._load_in_background(transfer))
+        if plan.loads:  # the step's compute starts after its synchronous loads
+            self._step_started_s = time.perf_counter()
         return failed_request_ids
 
     def save(self, plan: StepPlan, failed_request_ids: set[str]) -> None:
-        if self._step_started_s and plan.num_prefill_tokens and self.on_prefill is not None:
-            self.on_prefill(plan.num_prefill_tokens, time.perf_counter() - self._step_started_s)
+        if self._step_started_s and plan.num_prefill_tokens:
+            seconds = time.perf_counter() - self._step_started_s
+            self.shelf.cost.note_prefill(plan.num_tokens, seconds, plan.num_attention_pairs)
         for transfer in plan.saves:
             if transfer.request_id in failed_request_ids:
                 # This step's KV attended to blocks that failed to load: never store it. vLLM
@@ -236,7 +238,19 @@ class WorkerSide:
             self._failed_block_ids.update(failed)
             self.num_load_failed_tokens += transfer.end - loaded_end
 
-    # ---- prefetch ----
+    # ---- lookups ----
+
+    def located(self, request_id: str | None, prompt: Prompt, located: list[str]) -> list[str]:
+        """The answer to the scheduler's lookup: the held prefix that loads faster than vLLM computes
+        it (transfer.load_or_recompute), whose lower-tier chunks start moving to memory at once
+        (transfer.prefetch, async mode)."""
+        transfer = self.shelf.config.transfer
+        if transfer.load_or_recompute and located:
+            chunk_bytes = prompt.namespace.layout.bytes_per_token * self.shelf.chunk_size
+            located = located[: self.shelf.cost.worth_loading(located, chunk_bytes, self.shelf.chunk_size)]
+        if transfer.mode == "async" and transfer.prefetch and request_id is not None and located:
+            self.prefetch(request_id, prompt, located)
+        return located
 
     def prefetch(self, request_id: str, prompt: Prompt, located: list[str]) -> None:
         """Promote the chunks a lookup found below the memory tier into memory now, so the request's
@@ -295,7 +309,7 @@ class WorkerSide:
             return [chunk_at(index) for index in range(self.shelf.chunking.count(transfer.end - transfer.start))]
         prompt = transfer.prompt.with_rank(self.tp_rank)
         self.shelf.save_chunks(prompt.token_ids[: transfer.end], prompt.namespace, chunk_at, transfer.start,
-                               prompt.mm_hashes)
+                               prompt.mm_hashes, num_prompt_tokens=len(prompt))
         return None
 
     def _hand_over_contained(self, transfer: Transfer, chunks: list[torch.Tensor]) -> None:
