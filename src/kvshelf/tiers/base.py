@@ -58,6 +58,13 @@ class Tier(ABC, Generic[Value]):
         if keys and self.on_removed is not None:
             self.on_removed(self.name, keys)
 
+    def _note_changes(self, stored: Sequence[ChunkKey], removed: Sequence[ChunkKey]) -> None:
+        """A put_many's net change, for a batch that evicted as it stored: a key stored and then evicted
+        by a later chunk of the batch is left out of both, so the order of the two reports cannot matter."""
+        both = set(stored) & set(removed)
+        self._note_removed([key for key in removed if key not in both])
+        self._note_stored([key for key in stored if key not in both])
+
     @property
     def capacity_bytes(self) -> int:
         return self._capacity_bytes
@@ -87,7 +94,17 @@ class Tier(ABC, Generic[Value]):
 
     def clear(self) -> None:
         """Drop every chunk this tier holds for this deployment (vLLM's reset_prefix_cache with
-        reset_external). Optional: a shared tier may decline."""
+        reset_external), reporting them through `_note_removed`. Optional: a shared tier may decline."""
+
+    def clear_model(self, description: dict, namespace_ids: Sequence[str] = ()) -> None:
+        """A shared tier's part of a reset: drop the chunks of one model's namespaces (any tenant
+        salt or adapter; `description` is a namespace's public description) and of `namespace_ids`,
+        leaving other models' KV to the instances that use it. Optional."""
+
+    def list_keys(self) -> list[ChunkKey]:
+        """Every key the tier holds: a router's starting picture, kept up to date by the tier's
+        events. Optional: a tier that cannot list its keys cheaply (a shared store) answers []."""
+        return []
 
     def refresh_usage(self) -> None:
         """Bring `used_bytes`, `capacity_bytes` and counters up to date before they are read. Optional."""
