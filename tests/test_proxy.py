@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import json
 import socket
+import uuid
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -15,18 +16,25 @@ import zmq.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from kvshelf.disagg.kv_index import InstanceIndex, Resync
 from kvshelf.disagg.proxy import (
+    KV_INDEXES,
+    PROXY,
     SPEC_FORM,
     Instance,
     ProxyConfig,
     add_proxy_arguments,
     build_app,
     config_from_args,
+    decode_request,
+    kvshelf_params_of,
     parse_instance,
     prefill_request,
 )
+from kvshelf.keys import Namespace
 from kvshelf.ports import sign_push_to
 from kvshelf.security import Keyring
+from tests.conftest import LAYOUT
 
 TOKEN_IDS = [101, 7, 8, 9]  # what every stand-in's /tokenize answers
 NO_HEALTH_ROUNDS = 3600.0  # only the round at start-up runs during a test
@@ -48,6 +56,7 @@ class FakeInstance:
         self.requests: list[tuple[str, dict]] = []
         self.second_event_allowed = asyncio.Event()  # a stream holds its second event back until then
         self.second_event_allowed.set()
+        self.transfer_params: dict | None = None  # kv_transfer_params in a non-streamed answer (a prefill's)
         self.lookup: FakeLookup | None = None
         self.app = web.Application()
         self.app.router.add_get("/health", self._health)
@@ -78,7 +87,9 @@ class FakeInstance:
         if self.completion_status != 200:
             return web.json_response({"error": "boom"}, status=self.completion_status)
         if not body.get("stream"):
-            return web.json_response({"text": f"answer from {self.name}"})
+            answer = {"text": f"answer from {self.name}"}
+            return web.json_response(answer if self.transfer_params is None
+                                     else {**answer, "kv_transfer_params": self.transfer_params})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         first, *later = self.events()
@@ -176,8 +187,8 @@ def dead_instance() -> Instance:
 
 def test_parse_instance():
     assert parse_instance("http://10.0.0.1:8100") == Instance("http://10.0.0.1:8100")
-    spec = " http://a:1/ , kv=tcp://b:3 ,lookup=tcp://c:2"
-    assert parse_instance(spec) == Instance("http://a:1", lookup="tcp://c:2", kv="tcp://b:3")
+    spec = " http://a:1/ , kv=tcp://b:3 ,lookup=tcp://c:2, events=tcp://c:4"
+    assert parse_instance(spec) == Instance("http://a:1", lookup="tcp://c:2", kv="tcp://b:3", events="tcp://c:4")
 
 
 @pytest.mark.parametrize(
@@ -191,12 +202,14 @@ def test_parse_instance():
         ("http://a:1,kv=tcp://a", "'tcp://a' is not tcp://host:port"),
         ("http://a:1,cache=tcp://a:2", "unknown or repeated option 'cache=tcp://a:2'"),
         ("http://a:1,kv=tcp://a:2,kv=tcp://a:3", "unknown or repeated option 'kv=tcp://a:3'"),
+        ("http://a:1,events=tcp://a:2", "events= needs lookup= too"),
     ],
 )
 def test_a_bad_instance_spec_says_what_is_wrong_and_the_expected_form(spec, complaint):
     with pytest.raises(ValueError) as raised:
         parse_instance(spec)
-    assert complaint in str(raised.value) and SPEC_FORM in str(raised.value)
+    assert complaint in str(raised.value)
+    assert SPEC_FORM in str(raised.value) or "add lookup=tcp://host:port" in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -209,6 +222,7 @@ def test_a_bad_instance_spec_says_what_is_wrong_and_the_expected_form(spec, comp
         ({}, "at least one --prefill and one --decode"),
         ({"instances": (Instance("http://i:1"), Instance("http://i:1"))}, "each instance URL may be given once"),
         ({"instances": (Instance("http://i:1"),), "routing": "random"}, "--routing must be one of"),
+        ({"instances": (Instance("http://i:1"),), "kv_index": "guess"}, "--kv-index one of ('events', 'ask')"),
         ({"instances": (Instance("http://i:1"),), "timeout_s": 0}, "must be positive"),
     ],
 )
@@ -223,19 +237,19 @@ def test_config_from_command_line_and_environment():
     add_proxy_arguments(parser)
     args = parser.parse_args(
         ["--prefill", "http://p:1,lookup=tcp://p:2", "--decode", "http://d:1,kv=tcp://d:3", "--decode", "http://e:1,kv=tcp://e:3",
-         "--channel", "push", "--routing", "round-robin"]
+         "--channel", "push", "--routing", "round-robin", "--kv-index", "ask"]
     )
     environ = {"KVSHELF_PROXY_API_KEY": "sesame", "KVSHELF_PROXY_ADMIN_KEY": "admin"}
     config = config_from_args(args, environ=environ)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert config.prefill == (Instance("http://p:1", lookup="tcp://p:2"),)
     assert [instance.kv for instance in config.decode] == ["tcp://d:3", "tcp://e:3"]
-    assert (config.channel, config.routing) == ("push", "round-robin")
+    assert (config.channel, config.routing, config.kv_index) == ("push", "round-robin", "ask")
     assert (config.api_key, config.admin_key) == ("sesame", "admin")
     assert (config.health_interval_s, config.timeout_s) == (2.0, 600.0)
     colocated = parser.parse_args(["--instance", "http://i:1", "--api-key", "k", "--admin-key", "a"])
     from_options = config_from_args(colocated, environ={})
-    assert (from_options.api_key, from_options.admin_key) == ("k", "a")
+    assert (from_options.api_key, from_options.admin_key, from_options.kv_index) == ("k", "a", "events")
 
 
 # -- the proxy at work --
@@ -446,3 +460,160 @@ async def _broken_stream() -> None:
         assert answer.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await answer.content.read()
+
+
+# -- what the prefill instance says to the decode instance --
+
+
+def test_the_prefill_answers_kvshelf_params_reach_the_decode_request():
+    asyncio.run(_handed_over())
+
+
+async def _handed_over() -> None:
+    async with Cluster() as cluster:
+        prefill = await cluster.instance("prefill")
+        decode = await cluster.instance("decode")
+        prefill.transfer_params = {"kvshelf": {"handed_over": 12, "handed_over_sig": "sig"}, "other": {"x": 1}}
+        proxy = await cluster.proxy(prefill=(prefill.instance,), decode=(decode.instance,), routing="round-robin")
+        body = {"model": "m", "prompt": "hi", "kv_transfer_params": {"kvshelf": {"mine": True}, "theirs": 2}}
+        answer = await proxy.post("/v1/completions", json=body)
+        assert await answer.json() == {"text": "answer from decode"}
+        expected = {"kvshelf": {"mine": True, "handed_over": 12, "handed_over_sig": "sig"}, "theirs": 2}
+        assert decode.requests == [("/v1/completions", {**body, "kv_transfer_params": expected})]
+
+
+@pytest.mark.parametrize("payload, params", [
+    (b'{"kv_transfer_params": {"kvshelf": {"handed_over": 4}}}', {"handed_over": 4}),
+    (b'{"kv_transfer_params": null}', {}),
+    (b'{"kv_transfer_params": {"kvshelf": [1]}}', {}),
+    (b"[]", {}),
+    (b"not json", {}),
+])
+def test_kvshelf_params_of_a_prefill_answer(payload, params):
+    assert kvshelf_params_of(payload) == params
+    assert decode_request({"prompt": "p"}, {}) == {"prompt": "p"}
+
+
+# -- the event index --
+
+
+def stored(tier: str, digests: list[bytes]) -> dict:
+    return {"type": "BlockStored", "block_hashes": digests, "ownership": f"kvshelf-{tier}", "token_ids": []}
+
+
+def removed(tier: str, digests: list[bytes]) -> dict:
+    return {"type": "BlockRemoved", "block_hashes": digests, "ownership": f"kvshelf-{tier}"}
+
+
+def test_an_instance_index_follows_its_own_tiers_and_starts_over_on_a_gap():
+    index = InstanceIndex(Namespace("m", LAYOUT), chunk_size=4)
+    a, b, c = (bytes([n]) * 32 for n in range(3))
+    vllm_gpu_block = {"type": "BlockStored", "block_hashes": [c], "medium": "GPU"}
+    index.apply(7, [stored("memory", [a, b]), stored("disk", [a]), stored("redis", [c]), vllm_gpu_block,
+                    {"type": "AllBlocksCleared"}, "not an event", stored("disk", [b"short", 5])])
+    assert index.held == {a: 0b011, b: 0b001}
+    index.apply(8, [removed("memory", [a, b]), removed("inbox", [a])])
+    assert index.held == {a: 0b010}
+    assert index.held_chunks([[a, b], [a, c]]) == 1 and index.held_chunks([[b, a]]) == 0
+    with pytest.raises(Resync):
+        index.apply(10, [])
+    with pytest.raises(Resync):
+        index.apply(11, {"events": "not a list"})
+
+
+def test_the_event_index_answers_as_asking_would_from_a_real_publisher(tmp_path):
+    asyncio.run(_event_index(tmp_path))
+
+
+PATIENCE_S = 60.0  # how long to wait for the index to catch up before failing (a hang, not a timing check)
+
+
+async def until(condition, what: str) -> None:
+    for _ in range(int(PATIENCE_S / 0.05)):
+        if await condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+async def _event_index(tmp_path) -> None:
+    from vllm.distributed.kv_events import KVEventBatch, ZmqEventPublisher
+
+    from kvshelf import Shelf, load_config
+    from kvshelf.integrations.vllm.events import SchedulerEvents, worker_events
+    from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
+    from kvshelf.ports import free_port
+    from tests.conftest import CHUNK_SIZE, random_kv
+
+    config = load_config(environ={}, chunk_size=CHUNK_SIZE, disk_path=str(tmp_path / "disk"),
+                         security_key="the event index test's deployment secret")
+    namespace = Namespace("index-model", LAYOUT)
+    salted = dataclasses.replace(namespace, cache_salt="tenant")
+    doc_a, doc_b = list(range(1000, 1014)), list(range(2000, 2010))
+    with Shelf(config) as earlier:  # doc_a's full chunks are on disk before the proxy starts
+        earlier.save(doc_a, random_kv(len(doc_a)), salted)
+    shelf = Shelf(config)
+    engine_id = f"index-{uuid.uuid4()}"
+    lookup_address_tcp = f"tcp://127.0.0.1:{free_port()}"
+    events_port = free_port()
+    servers = [LookupServer(shelf, lookup_address(engine_id, 0)),
+               RoutingLookupServer(lookup_address_tcp, namespace, CHUNK_SIZE, LookupClient(engine_id, 1, 5.0),
+                                   shelf.keyring)]
+    publisher = ZmqEventPublisher(0, endpoint=f"tcp://*:{events_port}")
+    scheduler_events = SchedulerEvents()
+
+    def step() -> None:
+        """What vLLM does once a step: the workers' events to the scheduler, then published."""
+        scheduler_events.add(worker_events(shelf))
+        if events := scheduler_events.take():
+            publisher.publish(KVEventBatch(ts=0.0, events=events))
+
+    try:
+        async with Cluster() as cluster:
+            fake = await cluster.instance("indexed")
+            spec = f"{fake.url},lookup={lookup_address_tcp},events=tcp://127.0.0.1:{events_port}"
+            instance = parse_instance(spec)
+            clients = {}
+            for kv_index in KV_INDEXES:
+                app = build_app(ProxyConfig(instances=(instance,), kv_index=kv_index, admin_key=ADMIN_KEY,
+                                            health_interval_s=NO_HEALTH_ROUNDS), shelf.keyring)
+                clients[kv_index] = await cluster._stack.enter_async_context(TestClient(TestServer(app)))
+            proxies = {kv_index: client.app[PROXY] for kv_index, client in clients.items()}
+            candidates = proxies["events"].pools["colocated"]
+
+            async def held(kv_index: str, tokens: list[int], salt: str | None = "tenant") -> int:
+                return (await proxies[kv_index].held_by(candidates, tokens, salt))[fake.url]
+
+            async def ready() -> bool:
+                return (await read_stats(clients["events"]))["kv_index"]["ready_instances"] == 1
+
+            await until(ready, "the index to start")
+            prompts = [doc_a, doc_a[:9], doc_a + [1], doc_b, doc_b[:8] + [5, 5], [7] * 3]
+            # The index started from what the instance held (doc_a on disk); the salt is part of the key.
+            assert [await held("events", prompt) for prompt in prompts] == [12, 8, 12, 0, 0, 0]
+            assert await held("events", doc_a, None) == 0
+            shelf.save(doc_b, random_kv(len(doc_b)), salted)
+            step()
+
+            async def index_has_doc_b() -> bool:
+                return await held("events", doc_b) == 8
+
+            await until(index_has_doc_b, "the index to learn doc_b")
+            expected = [await held("ask", prompt) for prompt in prompts]
+            assert expected == [12, 8, 12, 8, 8, 0]
+            assert [await held("events", prompt) for prompt in prompts] == expected
+            assert shelf.clear()
+            step()
+
+            async def index_emptied() -> bool:
+                return await held("events", doc_a) == await held("events", doc_b) == 0
+
+            await until(index_emptied, "the index to learn of the reset")
+            assert [await held("ask", prompt) for prompt in prompts] == [0] * len(prompts)
+            stats = await read_stats(clients["events"])
+            assert stats["kv_index"]["answers"]["ask"] == 0 and stats["kv_index"]["mode"] == "events"
+    finally:
+        publisher.shutdown()
+        for server in servers:
+            server.close()
+        shelf.close()

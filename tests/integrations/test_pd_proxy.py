@@ -7,13 +7,25 @@ The prefill instance is also the reference: asked directly, it is a plain vLLM i
 import json
 import os
 import re
+import sys
 import threading
+import time
 
 import httpx
 import pytest
 
-from kvshelf.bench.redis_servers import RedisServer, free_port
-from kvshelf.disagg.launch import new_instance, proxy_argv, running, start_process, stop, wait_healthy
+from kvshelf.bench.redis_servers import RedisServer
+from kvshelf.disagg.launch import (
+    instance_argv,
+    instance_env,
+    new_instance,
+    proxy_argv,
+    running,
+    start_process,
+    stop,
+    wait_healthy,
+)
+from kvshelf.ports import free_port
 
 MAX_TOKENS = 12
 ADMIN_KEY = "proxy-admin-key-for-tests"
@@ -151,6 +163,67 @@ def test_kv_aware_routing_sends_a_repeated_prompt_to_the_instance_holding_it(set
         prefill.url, decode.url}
     stats = httpx.get(f"{url}/proxy/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
     assert stats["kv_aware_hits"] >= 3
+
+
+def routed_held_tokens(proxy_url: str, prompt: str) -> int:
+    """The tokens of `prompt` the proxy's routing decision found held, for a request vLLM then
+    refuses (temperature -1): the decision is counted, nothing is computed or saved."""
+    stats_url, admin = f"{proxy_url}/proxy/stats", {"Authorization": f"Bearer {ADMIN_KEY}"}
+    before = httpx.get(stats_url, headers=admin, timeout=10).json()["held_tokens_total"]
+    answer = httpx.post(f"{proxy_url}/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": 1,
+                                                             "temperature": -1.0}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    return httpx.get(stats_url, headers=admin, timeout=10).json()["held_tokens_total"] - before
+
+
+def until(condition, what: str, patience_s: float = 120.0) -> None:
+    """Wait for the event stream to arrive (a hang fails; time is not what is tested)."""
+    deadline_s = time.monotonic() + patience_s
+    while not condition():
+        assert time.monotonic() < deadline_s, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_kv_events_feed_the_proxys_index_as_asking_would_and_a_reset_empties_both(tmp_path, texts):
+    """vLLM publishes kvshelf's chunks (--kv-events-config); a proxy following them (--kv-index
+    events) routes as one asking the instance; `reset_prefix_cache?reset_external=true` empties both."""
+    instance = new_instance("both")
+    events_port = free_port()
+    events_config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"}
+    argv = instance_argv(instance, "1GiB", None, ["--max-model-len", "2048", "--kv-events-config",
+                                                  json.dumps(events_config)])
+    env = {**instance_env(None), "VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache
+    processes = [start_process(argv, tmp_path / "instance", env)]
+    try:
+        wait_healthy(instance.url, processes[0], tmp_path / "instance")
+        proxies = {}
+        for kv_index in ("events", "ask"):
+            port = free_port()
+            proxy_argv_ = [sys.executable, "-m", "kvshelf.cli", "proxy", "--port", str(port), "--kv-index", kv_index,
+                           "--instance", f"{instance.spec},events=tcp://127.0.0.1:{events_port}"]
+            log = tmp_path / f"proxy-{kv_index}"
+            processes.append(start_process(proxy_argv_, log, dict(os.environ, KVSHELF_PROXY_ADMIN_KEY=ADMIN_KEY)))
+            proxies[kv_index] = f"http://127.0.0.1:{port}"
+            wait_healthy(proxies[kv_index], processes[-1], log, timeout_s=60)
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        until(lambda: httpx.get(f"{proxies['events']}/proxy/stats", headers=admin, timeout=10).json()[
+            "kv_index"]["ready_instances"] == 1, "the proxy's index to start")
+        document = texts[6]
+        complete(instance.url, document)  # saved when its prefill ends
+        complete(instance.url, texts[7][:50])  # the save's events go out with a later step
+        held = routed_held_tokens(proxies["ask"], document)
+        assert held > 0
+        until(lambda: routed_held_tokens(proxies["events"], document) == held, "the index to learn the document")
+        reset = httpx.post(f"{instance.url}/reset_prefix_cache", params={"reset_external": "true"}, timeout=300)
+        assert reset.status_code == 200, reset.text
+        complete(instance.url, texts[7][:60])  # the reset's events go out with a later step
+        assert routed_held_tokens(proxies["ask"], document) == 0
+        until(lambda: routed_held_tokens(proxies["events"], document) == 0, "the index to learn of the reset")
+        stats = httpx.get(f"{proxies['events']}/proxy/stats", headers=admin, timeout=10).json()
+        assert stats["kv_index"]["answers"]["ask"] == 0
+    finally:
+        for process in processes:
+            stop(process)
 
 
 def test_a_dead_prefill_instance_is_routed_around(setup, texts):

@@ -11,8 +11,8 @@ over.
 import pytest
 
 from kvshelf import load_config
-from kvshelf.bench.redis_servers import RedisServer, free_port
-from kvshelf.ports import sign_push_to
+from kvshelf.bench.redis_servers import RedisServer
+from kvshelf.ports import free_port, sign_push_to
 from kvshelf.security import Keyring
 from tests.integrations.vllm_runner import engine_results, run_engine, start_engine, wait_for
 

@@ -22,7 +22,6 @@ import torch
 import zmq
 
 from kvshelf import Shelf, load_config
-from kvshelf.bench.redis_servers import free_port
 from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.disagg.transfer import KVPusher, KVReceiver, TransferCounters, max_frame_bytes
 from kvshelf.integrations.vllm import lookup
@@ -36,7 +35,8 @@ from kvshelf.integrations.vllm.lookup import (
     private_socket_dir,
 )
 from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
-from kvshelf.ports import QuietLog, secure_client, sign_push_to
+from kvshelf.keys import Prompt
+from kvshelf.ports import QuietLog, free_port, secure_client, sign_push_to
 from kvshelf.security import Keyring
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 
@@ -68,7 +68,7 @@ def make_instance(opened, namespace):
         engine_id = f"test-{uuid.uuid4()}"
         opened.append(LookupServer(shelf, lookup_address(engine_id, 0)))
         address = loopback()
-        routing = RoutingLookupServer(address, namespace, LookupClient(engine_id, 1, 5.0), shelf.keyring)
+        routing = RoutingLookupServer(address, namespace, CHUNK_SIZE, LookupClient(engine_id, 1, 5.0), shelf.keyring)
         opened.append(routing)
         return SimpleNamespace(shelf=shelf, address=address, routing=routing)
 
@@ -191,6 +191,15 @@ def test_routing_lookup_answers_holders_of_the_secret_and_no_one_else(make_insta
     finally:
         impostor.close()
     assert routing_answer(peer(zmq.REQ, instance.address, KEYRING), question(TOKENS)) == b"8"
+
+
+def test_describe_and_held_answer_holders_of_the_secret_and_no_one_else(make_instance, peer):
+    instance = make_instance()
+    for op in ("describe", "held"):
+        op_question = [json.dumps({"op": op}).encode(), b""]
+        assert routing_answer(peer(zmq.REQ, instance.address, KEYRING), op_question) is not None
+        for keyring in (STRANGER, None):
+            assert routing_answer(peer(zmq.REQ, instance.address, keyring), op_question, SILENCE_MS) is None
 
 
 def test_an_unkeyed_routing_lookup_is_open_as_documented(make_instance, peer):
@@ -387,7 +396,8 @@ def signed(address: str, keyring: Keyring = KEYRING) -> dict:
 
 
 def scheduler(push_to: str | None = None, keyring: Keyring = KEYRING, kv_role: str = "kv_producer"):
-    return SchedulerSide(lambda *_: 0, CHUNK_SIZE, None, Role.of(kv_role, push_to), keyring)
+    return SchedulerSide(lambda *_: [], CHUNK_SIZE, None, Role.of(kv_role, push_to), keyring, background=False,
+                         hand_over_wait_s=0.0)
 
 
 DECODE = "tcp://decode-1.internal:5800"
@@ -459,7 +469,7 @@ def test_lookup_sockets_live_in_a_private_directory_and_are_removed_on_close(pri
     client = LookupClient("engine-a", 1, 5.0)
     try:
         assert stat.S_ISSOCK(path.stat().st_mode)
-        assert client.lookup(TOKENS, namespace, ()) == 8
+        assert client.locate(Prompt(TOKENS, namespace)) == ["memory", "memory"]
     finally:
         client.close()
         server.close()

@@ -82,6 +82,7 @@ async def _aggregates_only() -> None:
             "held_tokens_total": len(TOKEN_IDS),
             "held_tokens_mean": float(len(TOKEN_IDS)),
             "prefill_fallbacks": 0,
+            "kv_index": {"mode": "events", "ready_instances": 0, "answers": {"events": 0, "ask": 2}},
         }
         text = json.dumps(stats)
         assert SECRET_SALT not in text and SECRET_PROMPT not in text

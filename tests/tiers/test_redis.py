@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvshelf import ConfigError, KVLayout, Namespace, Shelf, load_config
-from kvshelf.bench.redis_servers import RedisServer, free_port
+from kvshelf.bench.redis_servers import RedisServer
+from kvshelf.ports import free_port
 from kvshelf.tiers.redis import USAGE_REFRESH_S, RedisTier
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 from tests.tiers.test_memory import key

@@ -12,13 +12,19 @@ class Completion:
     text: str
     ttft_s: float
     latency_s: float
-    token_gaps_s: list[float] = field(repr=False)  # between consecutive streamed chunks
+    token_times_s: list[float] = field(repr=False)  # each streamed token's arrival (time.perf_counter)
     num_prompt_tokens: int | None = None
     num_cached_tokens: int | None = None
 
     @property
+    def token_gaps_s(self) -> list[float]:
+        """Between consecutive streamed tokens."""
+        return [later - earlier for earlier, later in zip(self.token_times_s, self.token_times_s[1:])]
+
+    @property
     def mean_itl_s(self) -> float | None:
-        return sum(self.token_gaps_s) / len(self.token_gaps_s) if self.token_gaps_s else None
+        gaps_s = self.token_gaps_s
+        return sum(gaps_s) / len(gaps_s) if gaps_s else None
 
 
 class CompletionClient:
@@ -37,9 +43,9 @@ class CompletionClient:
             "temperature": 0.0,
             "stream": True,
             "stream_options": {"include_usage": True},
-        }
+        } | self._extra_body
         started_s = time.perf_counter()
-        chunk_times_s: list[float] = []
+        token_times_s: list[float] = []
         pieces: list[str] = []
         usage: dict = {}
         with self._http.stream("POST", "/v1/completions", json=body) as response:
@@ -51,16 +57,16 @@ class CompletionClient:
                 event = json.loads(line.removeprefix("data: "))
                 usage = event.get("usage") or usage
                 if event.get("choices"):  # one event per generated token (its text may be empty: EOS)
-                    chunk_times_s.append(time.perf_counter())
+                    token_times_s.append(time.perf_counter())
                     pieces.extend(choice.get("text", "") for choice in event["choices"])
-        if not chunk_times_s:
+        if not token_times_s:
             raise RuntimeError("the server streamed no tokens")
         details = usage.get("prompt_tokens_details") or {}
         return Completion(
             text="".join(pieces),
-            ttft_s=chunk_times_s[0] - started_s,
-            latency_s=chunk_times_s[-1] - started_s,
-            token_gaps_s=[later - earlier for earlier, later in zip(chunk_times_s, chunk_times_s[1:])],
+            ttft_s=token_times_s[0] - started_s,
+            latency_s=token_times_s[-1] - started_s,
+            token_times_s=token_times_s,
             num_prompt_tokens=usage.get("prompt_tokens"),
             num_cached_tokens=details.get("cached_tokens"),
         )

@@ -2,8 +2,10 @@
 
 Every set-up gets the same small KV space (`--num-gpu-blocks-override`; VLLM_CPU_KVCACHE_SPACE
 only takes whole GiB), smaller than the workloads' working set, so vLLM's own prefix cache
-must evict; what a set-up keeps outside vLLM decides its hits. Servers start one after
-another on a free loopback port.
+must evict; what a set-up keeps outside vLLM decides its hits. Each set-up runs as its users
+would: chunked prefill (vLLM's default, `prefill_step_tokens` a step), except ExampleConnector,
+which saves only a chunked prefill's first step, so it gets whole-prompt prefill steps.
+Servers start one after another on a free loopback port.
 """
 
 import contextlib
@@ -23,8 +25,10 @@ from kvshelf.models import bundled_model_dir
 from kvshelf.serve import connector_extra_config, vllm_serve_argv
 
 SERVED_MODEL = "smollm2"
+KVSHELF = "vllm+kvshelf"
 START_TIMEOUT_S = 600.0
 CPU_BLOCK_SIZE = 128  # vLLM's default on the CPU backend
+DEFAULT_PREFILL_STEP_TOKENS = 2048  # vLLM's max_num_batched_tokens for its API server on the CPU
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class ServerSpec:
     name: str
     argv: list[str]
     sidecar_argv: list[str] | None = None  # a store the server needs, started first (LMCache's server)
+    chunked_prefill: bool = True
 
 
 def free_port() -> int:
@@ -40,13 +45,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def engine_args(max_model_len: int, kv_cache_tokens: int) -> list[str]:
-    """The same engine for every set-up: prefix caching on, a KV space of `kv_cache_tokens`, and
-    whole-prompt prefill steps (ExampleConnector saves only a chunked prefill's first step)."""
-    num_blocks = str(kv_cache_tokens // CPU_BLOCK_SIZE)
-    limits = ["--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]
-    report = ["--enable-prompt-tokens-details"]  # cached prompt tokens in each response's usage
-    return limits + report + ["--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
+@dataclass(frozen=True)
+class Engine:
+    """The same engine for every set-up: prefix caching on, a KV space of `kv_cache_tokens`, and prefill
+    steps of `prefill_step_tokens` (chunked) or of a whole prompt (`args(chunked_prefill=False)`)."""
+
+    max_model_len: int
+    kv_cache_tokens: int
+    prefill_step_tokens: int = DEFAULT_PREFILL_STEP_TOKENS
+
+    def args(self, chunked_prefill: bool = True) -> list[str]:
+        num_blocks = str(self.kv_cache_tokens // CPU_BLOCK_SIZE)
+        if chunked_prefill:
+            steps = ["--enable-chunked-prefill", "--max-num-batched-tokens", str(self.prefill_step_tokens)]
+        else:
+            steps = ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(self.max_model_len)]
+        report = ["--enable-prompt-tokens-details"]  # cached prompt tokens in each response's usage
+        limits = ["--max-model-len", str(self.max_model_len), *steps]
+        return limits + report + ["--enable-prefix-caching", "--num-gpu-blocks-override", num_blocks]
 
 
 def vllm_argv(port: int, engine: list[str], transfer_config: dict | None) -> list[str]:
@@ -71,15 +87,16 @@ def lmcache_spec(python: str, engine: list[str]) -> ServerSpec:
     return ServerSpec("vllm+LMCache", [python, *argv[1:]], sidecar)
 
 
-def server_specs(work_dir: Path, engine: list[str], lmcache_python: str | None = None) -> list[ServerSpec]:
+def server_specs(work_dir: Path, engine: Engine, lmcache_python: str | None = None) -> list[ServerSpec]:
     example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                "kv_connector_extra_config": {"shared_storage_path": str(work_dir / "example-connector")}}
     kvshelf_extra = connector_extra_config(None, str(work_dir / "kvshelf-disk"), "2GiB", None)
+    whole_prompt = engine.args(chunked_prefill=False)
     return [
-        ServerSpec("vllm", vllm_argv(free_port(), engine, None)),
-        ServerSpec("vllm+ExampleConnector", vllm_argv(free_port(), engine, example)),
-        *([lmcache_spec(lmcache_python, engine)] if lmcache_python else []),
-        ServerSpec("vllm+kvshelf", vllm_serve_argv(None, "127.0.0.1", free_port(), kvshelf_extra, engine)),
+        ServerSpec("vllm", vllm_argv(free_port(), engine.args(), None)),
+        ServerSpec("vllm+ExampleConnector", vllm_argv(free_port(), whole_prompt, example), chunked_prefill=False),
+        *([lmcache_spec(lmcache_python, engine.args())] if lmcache_python else []),
+        ServerSpec(KVSHELF, vllm_serve_argv(None, "127.0.0.1", free_port(), kvshelf_extra, engine.args())),
     ]
 
 
@@ -123,6 +140,7 @@ def run_compare(
     kv_cache_tokens: int,
     lmcache_python: str | None = None,
     progress=print,
+    prefill_step_tokens: int = DEFAULT_PREFILL_STEP_TOKENS,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -133,7 +151,8 @@ def run_compare(
     max_model_len = max(long_doc.doc_tokens, last_round_tokens) + 256
     results = {}
     with tempfile.TemporaryDirectory(dir=out_dir if out_dir.exists() else None) as scratch:
-        for spec in server_specs(Path(scratch), engine_args(max_model_len, kv_cache_tokens), lmcache_python):
+        engine = Engine(max_model_len, kv_cache_tokens, prefill_step_tokens)
+        for spec in server_specs(Path(scratch), engine, lmcache_python):
             progress(f"{spec.name}: starting the server")
             with running(spec, out_dir / "logs" / f"{spec.name}.log") as client:
                 progress(f"{spec.name}: long-doc-qa")
@@ -141,9 +160,11 @@ def run_compare(
                 progress(f"{spec.name}: multi-round-qa")
                 rounds, wall_s = run_multi_round(client, texts, multi_round)
             results[spec.name] = summarize(records + rounds, wall_s, multi_round, long_doc) | {
-                "records": records + rounds
+                "prefill": "chunked" if spec.chunked_prefill else "whole-prompt",
+                "records": records + rounds,
             }
-    return {"kv_cache_tokens": kv_cache_tokens, "setups": results, "ratios": ratios(results)}
+    return {"kv_cache_tokens": kv_cache_tokens, "prefill_step_tokens": prefill_step_tokens, "setups": results,
+            "ratios": ratios(results), "kvshelf_vs": versus(results, KVSHELF)}
 
 
 def ratios(results: dict) -> dict:
@@ -162,3 +183,21 @@ def ratios(results: dict) -> dict:
             "long_doc_warm_vs_cold": docs["cold_ttft_s"] / docs["warm_ttft_s"],
         }
     return table
+
+
+def versus(results: dict, subject: str) -> dict:
+    """`subject` against every other set-up: how many times lower its mean TTFT (all rounds, and rounds after
+    the first) and how many times its requests/s."""
+    rounds = {name: summary["multi_round_qa"] for name, summary in results.items()}
+    mine = rounds[subject]
+    return {
+        name: {
+            "mean_ttft_speedup": other["mean_ttft_s"] / mine["mean_ttft_s"],
+            "mean_ttft_speedup_after_first_round": (
+                other["mean_ttft_after_first_round_s"] / mine["mean_ttft_after_first_round_s"]
+            ),
+            "throughput_ratio": mine["requests_per_s"] / other["requests_per_s"],
+        }
+        for name, other in rounds.items()
+        if name != subject
+    }

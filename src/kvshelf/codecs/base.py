@@ -1,5 +1,6 @@
 """The codec interface: KV tensor <-> payload bytes, stateless."""
 
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
@@ -18,15 +19,21 @@ class Codec(ABC):
     id: int
     lossless: bool = True
     expected_ratio: float = 1.0  # stored bytes per float32 byte, before any is measured (for codec: auto)
+    # True: `decode` returns a view of the payload itself, needing no memory of its own: unframe gives it no `out`.
+    shares_payload: bool = False
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> bytes | memoryview:
         """Payload of `kv` (layers, 2, tokens, kv_heads, head_dim)."""
 
     @abstractmethod
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The tensor of `shape` and `dtype` encoded in `payload`; raises CorruptChunk if it can't be.
 
+        `out`: a tensor of `shape` and `dtype` to decode into (the memory tier's arena, so a loaded
+        chunk takes no freshly faulted memory); None: the codec allocates its own.
         `shape` has been checked against the namespace's layout (see framing.Expected); the
         payload has not: every size it declares is checked against `shape` and against the
         payload's length before anything is allocated from it.
@@ -48,3 +55,17 @@ def check_payload_bytes(codec: Codec, payload: memoryview, expected_bytes: int, 
     """A payload must be exactly as long as its shape (and parameters) need: refused before any allocation."""
     if len(payload) != expected_bytes:
         raise CorruptChunk(f"{codec.name} payload holds {len(payload)} bytes, shape {shape} needs {expected_bytes}")
+
+
+def payload_tensor(payload: memoryview, dtype: torch.dtype, offset: int = 0, count: int = -1) -> torch.Tensor:
+    """`count` items of `dtype` at byte `offset` of `payload` (all the rest: -1), sharing its memory.
+
+    Shared, not copied, even from a read-only buffer (a Redis reply, an inbox entry): torch warns
+    that the tensor could write to it, but decoders only read it, and chunks from the shelf are
+    never written (see LoadResult); copying several MB per chunk would cost more than the read.
+    """
+    if count == 0 or offset == len(payload):  # torch.frombuffer refuses to make an empty tensor
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        return torch.frombuffer(payload, dtype=dtype, offset=offset, count=count)

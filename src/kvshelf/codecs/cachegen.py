@@ -105,7 +105,9 @@ class CachegenCodec(Codec):
         parts += [_NUM_WORDS.pack(len(compressed)), compressed.tobytes()]
         return b"".join(parts)
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         layers, _, tokens, heads, dim = check_chunk_shape(self, shape)
         if len(payload) < _min_payload_bytes(shape):
             raise CorruptChunk(f"cachegen payload of {len(payload)} bytes cannot hold shape {shape} "
@@ -120,11 +122,16 @@ class CachegenCodec(Codec):
         codes = np.empty((layers, 2, max(tokens - 1, 0), heads * dim), dtype=np.int32)
         for index, table in enumerate(tables):
             _decode_stream(decoder, table, codes[divmod(index, 2)].reshape(-1))
-        x = torch.empty(layers, 2, tokens, heads * dim)
+        in_place = out is not None and out.dtype == torch.float32
+        x = out.view(layers, 2, tokens, heads * dim) if in_place else torch.empty(layers, 2, tokens, heads * dim)
         x[:, :, :1] = first
         x[:, :, 1:] = torch.from_numpy(codes)
         x[:, :, 1:].mul_(steps.unsqueeze(2)).add_(means.unsqueeze(2))
-        return x.view(shape).to(dtype)
+        if out is None:
+            return x.view(shape).to(dtype)
+        if not in_place:
+            out.copy_(x.view(shape))
+        return out
 
     def _read_header(self, payload: memoryview, shape: tuple[int, ...]):
         """The kept first token, each channel's step and mean, and where the tables begin."""

@@ -22,6 +22,7 @@ was written by a newer kvshelf of the same format: `ForeignChunk`, a miss that i
 
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -55,6 +56,14 @@ class Expected:
         if not tokens_ok or shape != self.layout.shape(tokens) or dtype != self.layout.torch_dtype:
             want = self.layout.shape(self.num_tokens) if self.num_tokens is not None else self.layout
             raise CorruptChunk(f"chunk is {shape} of {dtype}; this namespace stores {want} of {self.layout.dtype}")
+
+
+class ChunkMemory(Protocol):
+    """Where `unframe` decodes chunks: the memory tier's arena (kvshelf.tiers.memory.MemoryTier)."""
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def release(self, buffer: torch.Tensor) -> None: ...
 
 
 def frame_parts(
@@ -117,10 +126,14 @@ def unframe(
     codecs: dict[int, Codec],
     expected: Expected,
     authenticated: bool = False,
+    memory: ChunkMemory | None = None,
 ) -> torch.Tensor:
     """The chunk stored in `blob`; raises CorruptChunk unless it is authentic, stored under
     `key_digest` and shaped as `expected`, or ForeignChunk if a newer kvshelf wrote it (an
-    authentic chunk of a codec this version lacks). `authenticated`: as in `verify`."""
+    authentic chunk of a codec this version lacks). `authenticated`: as in `verify`.
+
+    `memory`: where to decode into, once the object is verified and its shape checked; a codec
+    that shares its payload (raw) returns a view of `blob` instead. A failed decode releases it."""
     codec_id, dtype_code, shape, payload = verify(blob, key_digest, keyring, authenticated)
     if codec_id not in codecs:  # authentic: a newer kvshelf of this format wrote it
         raise UnknownCodec(f"codec id {codec_id} is unknown to this version of kvshelf")
@@ -129,9 +142,12 @@ def unframe(
     dtype = _DTYPE_BY_CODE[dtype_code]
     expected.check(shape, dtype)
     codec = codecs[codec_id]
+    out = memory.allocate(shape, dtype) if memory is not None and not codec.shares_payload else None
     try:
-        return codec.decode(payload, shape, dtype)
-    except CorruptChunk:
-        raise
-    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError, IndexError) as exc:
+        return codec.decode(payload, shape, dtype, out)
+    except (CorruptChunk, ValueError, RuntimeError, TypeError, OverflowError, MemoryError, IndexError) as exc:
+        if out is not None:
+            memory.release(out)
+        if isinstance(exc, CorruptChunk):
+            raise
         raise CorruptChunk(f"{codec.name} payload does not decode to {shape}: {exc}") from exc

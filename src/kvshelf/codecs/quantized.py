@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import torch
 
-from kvshelf.codecs.base import Codec, check_chunk_shape, check_payload_bytes
+from kvshelf.codecs.base import Codec, check_chunk_shape, check_payload_bytes, payload_tensor
 from kvshelf.errors import CorruptChunk, ForeignChunk
 
 _HEADER = struct.Struct("<BBH")  # variant, parameter dtype (0 float32, 1 float16), group size
@@ -77,16 +77,18 @@ class Int8Codec(Codec):
         codes = (x / scales).round().clamp(-127, 127).to(torch.int8)
         return b"".join((_HEADER.pack(self.variant, 0, 0), scales.numpy().tobytes(), codes.numpy().tobytes()))
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         check_chunk_shape(self, shape)
         variant, _, _ = _header(payload, self, (self._PER_TOKEN, self._PER_CHANNEL))
         scale_shape = [1 if dim in self._reduced_dims(variant) else size for dim, size in enumerate(shape)]
         num_scales = math.prod(scale_shape)
         check_payload_bytes(self, payload, _HEADER.size + num_scales * 4 + math.prod(shape), shape)
-        scales, offset = _take(payload, _HEADER.size, num_scales, np.float32)
-        codes, offset = _take(payload, offset, math.prod(shape), np.int8)
-        x = torch.from_numpy(codes.astype(np.float32)).view(shape) * torch.from_numpy(scales.copy()).view(scale_shape)
-        return x.to(dtype)
+        scales = payload_tensor(payload, torch.float32, _HEADER.size, num_scales).view(scale_shape)
+        codes = payload_tensor(payload, torch.int8, _HEADER.size + num_scales * 4, math.prod(shape)).view(shape)
+        # Multiplied in float32 and rounded once to `dtype` as each value is written: no temporary chunk.
+        return torch.mul(codes, scales, out=torch.empty(shape, dtype=dtype) if out is None else out)
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
         return self._scales(_work(kv)) / 2 * (1 + 1e-5)
@@ -110,16 +112,18 @@ class Fp8Codec(Codec):
         codes = (x / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         return b"".join((_HEADER.pack(0, 0, 0), scales.numpy().tobytes(), codes.numpy().tobytes()))
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         check_chunk_shape(self, shape)
         _header(payload, self, (0,))
         scale_shape = [*shape[:4], 1]
         num_scales = math.prod(scale_shape)
         check_payload_bytes(self, payload, _HEADER.size + num_scales * 4 + math.prod(shape), shape)
-        scales, offset = _take(payload, _HEADER.size, num_scales, np.float32)
-        codes, offset = _take(payload, offset, math.prod(shape), np.uint8)
-        values = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).to(torch.float32).view(shape)
-        return (values * torch.from_numpy(scales.copy()).view(scale_shape)).to(dtype)
+        scales = payload_tensor(payload, torch.float32, _HEADER.size, num_scales).view(scale_shape)
+        codes = payload_tensor(payload, torch.uint8, _HEADER.size + num_scales * 4, math.prod(shape))
+        values = codes.view(torch.float8_e4m3fn).to(torch.float32).view(shape)  # float8 takes part in no arithmetic
+        return torch.mul(values, scales, out=torch.empty(shape, dtype=dtype) if out is None else out)
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
         # Normal e4m3 numbers round to within 2^-4 of their magnitude; subnormals to 2^-10 in scaled units.
@@ -172,7 +176,9 @@ class Kivi2Codec(Codec):
         parts.append(_pack_2bit(torch.cat(codes)))
         return b"".join(parts)
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         layers, _, tokens, heads, dim = check_chunk_shape(self, shape)
         _, half_params, group_size = _header(payload, self, (0,))
         if half_params not in (0, 1) or not 1 <= group_size <= MAX_GROUP_SIZE:
@@ -201,7 +207,10 @@ class Kivi2Codec(Codec):
             start += count
         keys = halves[0].flatten(-2)[..., :tokens].permute(0, 3, 1, 2)  # (layers, tokens, heads, dim)
         values = halves[1].flatten(-2)[..., : heads * dim].view(layers, tokens, heads, dim)
-        return torch.stack((keys, values), dim=1).to(dtype)
+        out = torch.empty(shape, dtype=dtype) if out is None else out
+        out[:, 0].copy_(keys)
+        out[:, 1].copy_(values)
+        return out
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
         x = _work(kv)

@@ -4,8 +4,10 @@ Disaggregated (`--prefill` and `--decode`), a completion request goes:
   1. to a prefill instance chosen by the routing policy, cut to one token and with kv_transfer_params
      telling kvshelf where the KV goes: `push_to` the chosen decode instance's kv= address, or nowhere
      when a shared tier such as Redis holds it;
-  2. then, unchanged, to a decode instance chosen in turn, which finds the prompt's KV and answers;
-     its answer, streamed or not, goes back to the client.
+  2. then to a decode instance chosen in turn, which finds the prompt's KV and answers; its answer,
+     streamed or not, goes back to the client. The request goes unchanged but for what the prefill
+     instance's answer gave in `kv_transfer_params.kvshelf` (such as the tokens it is still handing
+     over, signed), which the proxy merges into the request's `kv_transfer_params.kvshelf`.
 Colocated (`--instance`), the chosen instance answers the whole request.
 
 The proxy holds the deployment secret (kvshelf's `security.key`, `KVSHELF_SECURITY_KEY` or key
@@ -13,12 +15,18 @@ file, as the instances): with it, it reaches the instances' CURVE lookup ports (
 one without it) and signs each `push_to` it hands a prefill instance (`push_to_sig`), since a
 prefill instance pushes only to a destination so signed or to its own `pd.push_to`.
 
-The prefill instance (or the colocated one) is chosen kv-aware: the prompt is tokenized once, every
-candidate's kvshelf says over ZeroMQ how many leading tokens of it it holds, and the one holding the
-most wins; ties and misses go in turn. A failed prefill is retried on another prefill instance, and
-when none is left the decode instance computes the prefill itself. A failed decode is retried while
-the client has not yet received a byte. An instance that fails a request or a health check leaves
-the rotation until a health check passes.
+The prefill instance (or the colocated one) is chosen kv-aware: the prompt is tokenized once, the
+proxy learns how many leading tokens of it every candidate's kvshelf holds, and the one holding the
+most wins; ties and misses go in turn. With `--kv-index events` (the default) the proxy knows that
+itself for every instance given events=: it follows the instance's vLLM KV cache events and
+computes the prompt's chunk keys (see kvshelf.disagg.kv_index); it asks the others over ZeroMQ
+(lookup=), as it asks every instance with `--kv-index ask`. Events are unauthenticated: a forged
+one can only cost a slower answer, never a wrong one.
+
+A failed prefill is retried on another prefill instance, and when none is left the decode instance
+computes the prefill itself. A failed decode is retried while the client has not yet received a
+byte. An instance that fails a request or a health check leaves the rotation until a health check
+passes.
 
 Who may call what: with --api-key, every endpoint but /health needs `Authorization: Bearer <key>`;
 that key is the clients'. /proxy/stats is the operators': it needs the separate --admin-key
@@ -48,6 +56,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from kvshelf.config import load_config
+from kvshelf.disagg.kv_index import EventIndex
 from kvshelf.errors import ConfigError
 from kvshelf.ports import secure_client, sign_push_to
 from kvshelf.security import Keyring
@@ -61,7 +70,9 @@ CHAT_COMPLETIONS = "/v1/chat/completions"
 API_KEY_ENV = "KVSHELF_PROXY_API_KEY"  # both in config.NON_CONFIG_ENV
 ADMIN_KEY_ENV = "KVSHELF_PROXY_ADMIN_KEY"
 STATS_PATH = "/proxy/stats"
-SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]"
+SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port][,events=tcp://host:port]"
+KV_INDEXES = ("events", "ask")
+INSTANCE_OPTIONS = ("lookup", "kv", "events")
 LOOKUP_TIMEOUT_S = 0.5
 TOKENIZE_TIMEOUT_S = 10.0  # routing waits this long at most; then it goes in turn
 HEALTH_TIMEOUT_S = 5.0
@@ -78,18 +89,22 @@ class Instance:
     url: str
     lookup: str | None = None  # its kvshelf routing-lookup endpoint (ZeroMQ REP)
     kv: str | None = None  # a decode instance's kvshelf receive address, for the push channel
+    events: str | None = None  # its vLLM KV cache event publisher (--kv-events-config endpoint), for the index
 
 
 def parse_instance(spec: str) -> Instance:
-    """`http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port]` as an Instance."""
+    """`SPEC_FORM` as an Instance."""
     url, *options = [part.strip() for part in spec.split(",")]
     addresses: dict[str, str] = {}
     for option in options:
         name, _, address = option.partition("=")
-        if name not in ("lookup", "kv") or name in addresses:
+        if name not in INSTANCE_OPTIONS or name in addresses:
             raise ConfigError(f"instance {spec!r}: unknown or repeated option {option!r}; expected {SPEC_FORM}")
         addresses[name] = _address(spec, address, "tcp")
-    return Instance(_address(spec, url, "http", "https"), addresses.get("lookup"), addresses.get("kv"))
+    if "events" in addresses and "lookup" not in addresses:
+        raise ConfigError(f"instance {spec!r}: events= needs lookup= too (the proxy learns the instance's "
+                          "namespace and what it holds there); add lookup=tcp://host:port")
+    return Instance(_address(spec, url, "http", "https"), **addresses)
 
 
 def _address(spec: str, address: str, *schemes: str) -> str:
@@ -110,6 +125,7 @@ class ProxyConfig:
     instances: tuple[Instance, ...] = ()  # colocated mode: each answers whole requests
     routing: str = "kv-aware"
     channel: str = "tier"
+    kv_index: str = "events"  # events: follow instances' KV events where given events=; ask: ask every time
     health_interval_s: float = 2.0
     timeout_s: float = 600.0
     api_key: str | None = None  # the clients'
@@ -123,8 +139,9 @@ class ProxyConfig:
             raise ConfigError("give either --instance (colocated) or --prefill and --decode (disaggregated), not both")
         if not self.instances and not (self.prefill and self.decode):
             raise ConfigError("give at least one --prefill and one --decode (or --instance, to serve colocated)")
-        if self.routing not in ROUTINGS or self.channel not in CHANNELS:
-            raise ConfigError(f"--routing must be one of {ROUTINGS} and --channel one of {CHANNELS}")
+        if self.routing not in ROUTINGS or self.channel not in CHANNELS or self.kv_index not in KV_INDEXES:
+            raise ConfigError(f"--routing must be one of {ROUTINGS}, --channel one of {CHANNELS} and --kv-index "
+                              f"one of {KV_INDEXES}")
         if self.health_interval_s <= 0 or self.timeout_s <= 0:
             raise ConfigError("--health-interval and --timeout must be positive numbers of seconds")
         urls = [instance.url for pool in self.pools.values() for instance in pool]
@@ -179,6 +196,8 @@ class Proxy:
         # Sums only: one decision's held tokens would tell a stats reader what a client's prompt shares.
         self._num_held_tokens = 0
         self._num_prefill_fallbacks = 0
+        self._num_answers = Counter(dict.fromkeys(KV_INDEXES, 0))  # instances' held tokens: from the index, or asked
+        self._index: EventIndex | None = None
 
     # -- lifecycle --
 
@@ -190,10 +209,17 @@ class Proxy:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
         self._zmq = zmq.asyncio.Context()
         self._health_task = asyncio.create_task(self._watch_health())
+        followed = [upstream.instance for pool in self.pools.values() for upstream in pool if upstream.instance.events]
+        if self.config.kv_index == "events" and self.config.routing == "kv-aware" and followed:
+            self._index = EventIndex(self._keyring, self._zmq)
+            for instance in followed:
+                self._index.follow(instance.url, instance.lookup, instance.events)
 
     async def stop(self, app: web.Application) -> None:
         self._health_task.cancel()
         await asyncio.gather(self._health_task, return_exceptions=True)
+        if self._index is not None:
+            await self._index.stop()
         await self._session.close()
         self._zmq.destroy(linger=0)
 
@@ -274,9 +300,19 @@ class Proxy:
         token_ids = await self._prompt_token_ids(path, body, candidates[0])
         if token_ids is None:
             return None
-        cache_salt = body.get("cache_salt")
-        answers = await asyncio.gather(*(self._lookup(upstream, token_ids, cache_salt) for upstream in candidates))
-        return {upstream.url: num_tokens for upstream, num_tokens in zip(candidates, answers)}
+        return await self.held_by(candidates, token_ids, body.get("cache_salt"))
+
+    async def held_by(self, candidates: Sequence[Upstream], token_ids: list[int], cache_salt: str | None
+                      ) -> dict[str, int]:
+        """Leading tokens of the prompt each candidate holds, by URL: from the event index where it is
+        ready, else asked."""
+        urls = [upstream.url for upstream in candidates]
+        held = self._index.held_tokens(urls, token_ids, cache_salt) if self._index is not None else {}
+        to_ask = [upstream for upstream in candidates if upstream.url not in held]
+        answers = await asyncio.gather(*(self._lookup(upstream, token_ids, cache_salt) for upstream in to_ask))
+        self._num_answers["events"] += len(held)
+        self._num_answers["ask"] += len(to_ask)
+        return {**held, **{upstream.url: num_tokens for upstream, num_tokens in zip(to_ask, answers)}}
 
     async def _prompt_token_ids(self, path: str, body: dict, upstream: Upstream) -> list[int] | None:
         prompt = body.get("prompt")
@@ -336,8 +372,9 @@ class Proxy:
         return {"push_to": push_to, "push_to_sig": sign_push_to(self._keyring, push_to)}
 
     async def _prefill(self, path: str, body: dict, push_to: str | None,
-                       held: dict[str, int] | None) -> Upstream | web.Response | None:
-        """Run the prefill: the instance that did, a client error to hand back as is, or None when none could."""
+                       held: dict[str, int] | None) -> tuple[Upstream, dict] | web.Response | None:
+        """Run the prefill: the instance that did and the `kv_transfer_params.kvshelf` of its answer, a
+        client error to hand back as is, or None when none could."""
         request = prefill_request(body, self._push_params(push_to) if self.config.channel == "push" else {})
         for upstream in self._by_policy("prefill", held):
             upstream.num_requests += 1
@@ -348,7 +385,7 @@ class Proxy:
                 self._failed(upstream, f"prefill failed: {describe(exc)}")
                 continue
             if answer.status == 200:
-                return upstream
+                return upstream, kvshelf_params_of(payload)
             if answer.status < 500:
                 proxied = {"x-kvshelf-prefill": upstream.url, "x-kvshelf-instance": upstream.url}
                 return web.Response(body=payload, status=answer.status, headers={**proxied, **content_type(answer)})
@@ -424,8 +461,11 @@ class Proxy:
         if prefill is None:
             self._num_prefill_fallbacks += 1
             logger.warning("kvshelf proxy: no prefill instance could serve; the decode instance computes the prefill")
-        headers = {"x-kvshelf-prefill": prefill.url if prefill else "none"}
-        return await self._answer(request, chain([decode], decodes), "decode", body, headers)
+            return await self._answer(request, chain([decode], decodes), "decode", body, {"x-kvshelf-prefill": "none"})
+        prefilled_by, kvshelf_params = prefill
+        headers = {"x-kvshelf-prefill": prefilled_by.url}
+        return await self._answer(request, chain([decode], decodes), "decode", decode_request(body, kvshelf_params),
+                                  headers)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         pool = "colocated" if self.config.instances else "decode"
@@ -449,7 +489,14 @@ class Proxy:
             # per decision routed by the instances' answers (kv-aware, kv-aware-tie, no-hit)
             "held_tokens_mean": self._num_held_tokens / num_looked_up if num_looked_up else 0.0,
             "prefill_fallbacks": self._num_prefill_fallbacks,
+            "kv_index": self.kv_index_stats(),
         })
+
+    def kv_index_stats(self) -> dict:
+        """The --kv-index mode, instances whose event index is ready, and how instances' held tokens
+        were learned: from the index (events) or asked (ask)."""
+        ready = self._index.num_ready if self._index is not None else 0
+        return {"mode": self.config.kv_index, "ready_instances": ready, "answers": dict(self._num_answers)}
 
 
 async def _ask(socket: zmq.asyncio.Socket, frames: list[bytes]) -> int:
@@ -465,6 +512,30 @@ def prefill_request(body: dict, kvshelf_params: dict) -> dict:
     if "max_completion_tokens" in body:
         request["max_completion_tokens"] = 1
     return request
+
+
+def kvshelf_params_of(payload: bytes) -> dict:
+    """What a prefill instance's answer says to its decode instance: its `kv_transfer_params.kvshelf`
+    ({} if none). The decode instance checks what matters (signatures); here it is only passed on."""
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        return {}
+    transfer_params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+    params = transfer_params.get("kvshelf") if isinstance(transfer_params, dict) else None
+    return params if isinstance(params, dict) else {}
+
+
+def decode_request(body: dict, kvshelf_params: dict) -> dict:
+    """The client's request for the decode instance, with the prefill's `kvshelf_params` merged into
+    its `kv_transfer_params.kvshelf` (the client's own request is left as it was)."""
+    if not kvshelf_params:
+        return body
+    transfer_params = body.get("kv_transfer_params")
+    transfer_params = transfer_params if isinstance(transfer_params, dict) else {}
+    client_params = transfer_params.get("kvshelf")
+    merged = {**(client_params if isinstance(client_params, dict) else {}), **kvshelf_params}
+    return {**body, "kv_transfer_params": {**transfer_params, "kvshelf": merged}}
 
 
 async def read_body(request: web.Request) -> dict:
@@ -523,6 +594,9 @@ def api_key_middleware(api_key: str):
     return check_api_key
 
 
+PROXY = web.AppKey("proxy", Proxy)
+
+
 def build_app(config: ProxyConfig, keyring: Keyring | None = None) -> web.Application:
     """The proxy's app; `keyring` defaults to the deployment secret kvshelf's configuration names
     (security.key, KVSHELF_SECURITY_KEY, the key file), which the instances must share."""
@@ -536,6 +610,7 @@ def build_app(config: ProxyConfig, keyring: Keyring | None = None) -> web.Applic
     app.router.add_get(STATS_PATH, proxy.stats)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
+    app[PROXY] = proxy  # for benchmarks and tests that time or compare its routing
     return app
 
 
@@ -558,6 +633,10 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel", choices=CHANNELS, default="tier",
                         help="how KV reaches the decode instance: a shared tier such as Redis, or pushed to its kv= "
                         "address (default: tier)")
+    parser.add_argument("--kv-index", choices=KV_INDEXES, default="events",
+                        help="kv-aware routing: events (default) keeps an index of what each instance given "
+                        "events= holds, fed by its vLLM KV events, and asks the others; ask asks every instance "
+                        "for every request")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per upstream request")
     parser.add_argument("--api-key", help="the clients' key: every endpoint but /health and /proxy/stats requires "
@@ -576,6 +655,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         instances=tuple(parse_instance(spec) for spec in args.instance),
         routing=args.routing,
         channel=args.channel,
+        kv_index=args.kv_index,
         health_interval_s=args.health_interval,
         timeout_s=args.timeout,
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,

@@ -221,7 +221,9 @@ class Shelf:
         if start % self.chunk_size:
             raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
         first_chunk = start // self.chunk_size
-        keys = self.chunk_keys(token_ids, namespace, mm_hashes, tail)[first_chunk:]
+        chain = self.chunk_keys(token_ids, namespace, mm_hashes, tail)
+        self.events.note_chain(chain)  # so that KV events name each stored chunk's parent
+        keys = chain[first_chunk:]
         if admit:
             keys = keys[: self.admission.admitted(keys, num_prompt_tokens or len(token_ids))]
         if not keys:

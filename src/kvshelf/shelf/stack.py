@@ -8,6 +8,7 @@ and counted; objects a newer kvshelf wrote are counted as foreign and left alone
 caller both are simply missing.
 """
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import torch
 from prometheus_client import Histogram
 
 from kvshelf.codecs import CODECS_BY_ID, codec_id_of, frame_parts, unframe
-from kvshelf.codecs.framing import Expected
+from kvshelf.codecs.framing import HEADER_BYTES, Expected
 from kvshelf.errors import CorruptChunk, ForeignChunk, TierUnavailable
 from kvshelf.keys import ChunkKey, Namespace
 from kvshelf.metrics import ShelfCounters
@@ -97,6 +98,7 @@ class TierStack:
             found = self._read(slot, [keys[index] for index in missing], [expected[index] for index in missing])
             for index, chunk in zip(missing, found):
                 chunks[index] = chunk
+            # Read and decoded into the memory tier's arena: stored there without a copy.
             self.memory.put_many([(keys[i], c) for i, c in zip(missing, found) if c is not None])
         prefix = []
         for chunk in chunks:
@@ -107,19 +109,28 @@ class TierStack:
 
     def _read(self, slot: LowerTier, keys: list[ChunkKey], expected: list[Expected]) -> list[torch.Tensor | None]:
         """Read `keys` group by group (the tier's `read_group_chunks`), each group verified and decoded
-        on the verifier thread while the next one is read: the MAC's cost hides behind the reading."""
+        on the verifier thread while the next one is read: the MAC's cost hides behind the reading.
+
+        Objects are read into the memory tier's arena (memory faulted in already, a payload where a
+        raw chunk can stay); one that fails verification gives its memory back at once."""
         group_size = slot.tier.read_group_chunks or len(keys)
+        read_buffer = functools.partial(self.memory.read_buffer, aligned_at=HEADER_BYTES)
+        all_blobs = []
         pending = []
         for start in range(0, len(keys), group_size):
             group = keys[start : start + group_size]
             started_s = time.perf_counter()
-            blobs = self._guarded(slot, READ, [None] * len(group), slot.tier.get_many, group)
+            blobs = self._guarded(slot, READ, [None] * len(group), slot.tier.get_many, group, read_buffer)
             slot.codecs.note_read(sum(len(blob) for blob in blobs if blob is not None), time.perf_counter() - started_s)
             group_expected = expected[start : start + group_size]
+            all_blobs += blobs
             pending.append(self._verifier.submit(self._unframe_each, slot, group, blobs, group_expected))
         chunks: list[torch.Tensor | None] = []
         corrupt_keys = []
-        for key, outcome in zip(keys, (outcome for future in pending for outcome in future.result())):
+        outcomes = (outcome for future in pending for outcome in future.result())
+        for key, blob, outcome in zip(keys, all_blobs, outcomes):
+            if isinstance(outcome, CorruptChunk):
+                self.memory.release(blob)
             if isinstance(outcome, ForeignChunk):
                 logger.info("kvshelf: leaving chunk %s in %s alone: %s", key.hex, slot.tier.name, outcome)
                 self._counters.foreign_chunks[slot.tier.name] += 1
@@ -140,7 +151,8 @@ class TierStack:
         self, slot: LowerTier, keys: Sequence[ChunkKey], blobs: Sequence[Any], expected: Sequence[Expected]
     ) -> list[tuple[torch.Tensor, int, int, float] | CorruptChunk | None]:
         """Per blob: (chunk, stored bytes, codec id, decode seconds), the CorruptChunk it raised, or
-        None if missing. Runs on the verifier thread; the caller counts."""
+        None if missing; chunks are decoded into the memory tier's arena. Runs on the verifier
+        thread; the caller counts."""
         outcomes: list[tuple[torch.Tensor, int, int, float] | CorruptChunk | None] = []
         for key, blob, expect in zip(keys, blobs, expected):
             if blob is None:
@@ -148,7 +160,7 @@ class TierStack:
                 continue
             started_s = time.perf_counter()
             try:
-                chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect, slot.authenticated)
+                chunk = unframe(blob, key.digest, self._keyring, CODECS_BY_ID, expect, slot.authenticated, self.memory)
             except CorruptChunk as exc:
                 outcomes.append(exc)
                 continue

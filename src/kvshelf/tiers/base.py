@@ -82,8 +82,14 @@ class Tier(ABC, Generic[Value]):
         return [self.contains_prefix([key]) == 1 for key in keys]
 
     @abstractmethod
-    def get_many(self, keys: Sequence[ChunkKey]) -> list[Value | None]:
-        """Values of `keys`, None where missing. Raises TierUnavailable if the tier fails."""
+    def get_many(
+        self, keys: Sequence[ChunkKey], into: Callable[[int], memoryview] | None = None
+    ) -> list[Value | None]:
+        """Values of `keys`, None where missing. Raises TierUnavailable if the tier fails.
+
+        `into(num_bytes)`: a writable buffer of that size (in the memory tier's arena, faulted in
+        already) for a byte tier to read a value into; a tier whose values are in memory already
+        ignores it."""
 
     @abstractmethod
     def put_many(self, items: Sequence[tuple[ChunkKey, Value]]) -> None:

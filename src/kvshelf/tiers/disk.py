@@ -21,6 +21,12 @@ never be followed, block, or be allocated whole. So:
 - only regular files of at most `max_object_bytes` are read; anything else under a chunk's or
   a directory's name (a link, FIFO, device, directory, 1 TiB sparse file) is a miss, counted
   in `num_refused_entries`, and removed: the name itself, never what a link points to.
+
+Chunks this tier writes are reported stored, and those it evicts or clears removed (its KV
+cache events); chunks it finds on disk (at start, or written by another process) are not.
+`clear` (vLLM's reset with reset_external) removes every chunk file the tier knows of, as its
+eviction may: the chunks of every process sharing disk.path, which is one cache. Deployments
+whose resets must not touch each other's KV need a disk.path each.
 """
 
 import json
@@ -32,14 +38,13 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
-import numpy as np
-
 from kvshelf.errors import ConfigError
 from kvshelf.keys import ChunkKey
+from kvshelf.tiers.arena import fresh_buffer
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
 from kvshelf.tiers.disk_files import (
     CREATE_FLAGS,
@@ -263,14 +268,17 @@ class DiskTier(Tier[memoryview]):
                 return count
         return len(keys)
 
-    def get_many(self, keys: Sequence[ChunkKey]) -> list[memoryview | None]:
-        return [self._get(key) for key in keys]
+    def get_many(
+        self, keys: Sequence[ChunkKey], into: Callable[[int], memoryview] | None = None
+    ) -> list[memoryview | None]:
+        """Each file is read into `into(its size)` (the memory tier's arena), or into fresh memory."""
+        return [self._get(key, into or fresh_buffer) for key in keys]
 
-    def _get(self, key: ChunkKey) -> memoryview | None:
+    def _get(self, key: ChunkKey, into: Callable[[int], memoryview]) -> memoryview | None:
         if not is_namespace_id(key.namespace_id):
             return None
         with io_errors_as_unavailable("read", chunk_path(self.root, key)):
-            blob = self._read_chunk(key)
+            blob = self._read_chunk(key, into)
         with self._lock:
             if blob is None:  # evicted by another process, or refused
                 self._index_remove(key)
@@ -278,7 +286,7 @@ class DiskTier(Tier[memoryview]):
                 self._index_add(key, len(blob))  # also moves it to the recent end
         return blob
 
-    def _read_chunk(self, key: ChunkKey) -> memoryview | None:
+    def _read_chunk(self, key: ChunkKey, into: Callable[[int], memoryview]) -> memoryview | None:
         dir_fd = self._open_chunk_dir(key)
         if dir_fd is None:
             return None
@@ -290,7 +298,7 @@ class DiskTier(Tier[memoryview]):
             return None
         fd, size_bytes = opened
         try:
-            return _read_whole(fd, size_bytes)
+            return _read_whole(fd, into(size_bytes))
         finally:
             os.close(fd)
 
@@ -321,26 +329,35 @@ class DiskTier(Tier[memoryview]):
     # --- writes ---
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Parts]]) -> None:
-        for key, parts in items:
-            self._put(key, parts)
+        stored: list[ChunkKey] = []
+        evicted: list[ChunkKey] = []
+        try:
+            for key, parts in items:
+                if self._put(key, parts, evicted):
+                    stored.append(key)
+        finally:
+            self._note_changes(stored, evicted)
 
-    def _put(self, key: ChunkKey, parts: Parts) -> None:
+    def _put(self, key: ChunkKey, parts: Parts, evicted: list[ChunkKey]) -> bool:
+        """Write one chunk, evicting as needed (their keys appended to `evicted`); False if it was not
+        written (too large, or held already)."""
         size_bytes = parts_bytes(parts)
         if size_bytes > self.max_object_bytes or not is_namespace_id(key.namespace_id):
-            return
+            return False
         with self._lock:
             if key in self._index:
-                return
-        self._evict_until_free(size_bytes)
+                return False
+        self._evict_until_free(size_bytes, evicted)
         with io_errors_as_unavailable("write", chunk_path(self.root, key)):
             try:
                 self._write_chunk(key, parts)
             except OSError as exc:
-                if exc.errno not in DISK_FULL_ERRNOS or not self._evict_for_room(size_bytes):
+                if exc.errno not in DISK_FULL_ERRNOS or not self._evict_for_room(size_bytes, evicted):
                     raise
                 self._write_chunk(key, parts)  # once: if the disk is still full, it is others' files
         with self._lock:
             self._index_add(key, size_bytes)
+        return True
 
     def _write_chunk(self, key: ChunkKey, parts: Parts) -> None:
         tmp_fd = self._make_subdir(self._root_fd, TMP_DIR)
@@ -369,28 +386,29 @@ class DiskTier(Tier[memoryview]):
                 os.unlink(tmp_name, dir_fd=tmp_fd)
             raise
 
-    def _evict_until_free(self, size_bytes: int) -> None:
+    def _evict_until_free(self, size_bytes: int, evicted: list[ChunkKey]) -> None:
         while True:
             with self._lock:
                 if self._used_bytes + size_bytes <= self._capacity_bytes:
                     return
-            if self._evict_oldest() is None:
+            if self._evict_oldest(evicted) is None:
                 return
 
-    def _evict_for_room(self, size_bytes: int) -> bool:
+    def _evict_for_room(self, size_bytes: int, evicted: list[ChunkKey]) -> bool:
         """On a full filesystem, evict own chunks worth the object plus as much again (at least 1%
         of capacity), so the next writes do not each hit a full disk. False: nothing to evict."""
         target_bytes = size_bytes + max(size_bytes, self._capacity_bytes // 100)
         freed_bytes = 0
         while freed_bytes < target_bytes:
-            evicted_bytes = self._evict_oldest()
+            evicted_bytes = self._evict_oldest(evicted)
             if evicted_bytes is None:
                 break
             freed_bytes += evicted_bytes
         return freed_bytes > 0
 
-    def _evict_oldest(self) -> int | None:
-        """Evict the least recently used chunk; returns its size, or None if the index is empty."""
+    def _evict_oldest(self, evicted: list[ChunkKey]) -> int | None:
+        """Evict the least recently used chunk (its key appended to `evicted`); returns its size, or
+        None if the index is empty."""
         with self._lock:
             if not self._index:
                 return None
@@ -398,6 +416,7 @@ class DiskTier(Tier[memoryview]):
             self._used_bytes -= evicted_bytes
             self.counters.num_evictions += 1
             self.counters.evicted_bytes += evicted_bytes
+        evicted.append(key)  # out of the index, so no longer held, even if removing its file fails
         self._remove_chunk(key)
         return evicted_bytes
 
@@ -418,6 +437,25 @@ class DiskTier(Tier[memoryview]):
             with self._lock:
                 self._index_remove(key)
             self._remove_chunk(key)
+
+    def clear(self) -> None:
+        """Remove every chunk file the tier knows of (see the module docstring); on a failure the
+        chunks not yet removed stay, and the error is raised."""
+        with self._lock:
+            keys = list(self._index)
+        removed = []
+        try:
+            for key in keys:
+                with self._lock:
+                    self._index_remove(key)
+                removed.append(key)  # out of the index, so no longer held, even if its file stays
+                self._remove_chunk(key)
+        finally:
+            self._note_removed(removed)
+
+    def list_keys(self) -> list[ChunkKey]:
+        with self._lock:
+            return list(self._index)
 
     def note_namespace(self, namespace_id: str, description: dict) -> None:
         if namespace_id in self._noted_namespace_ids or not is_namespace_id(namespace_id):
@@ -452,13 +490,12 @@ class DiskTier(Tier[memoryview]):
             os.close(tmp_fd)
 
 
-def _read_whole(fd: int, size_bytes: int) -> memoryview | None:
-    """The file's `size_bytes` bytes; None if it shrank under us (like a missing file)."""
-    # Uninitialised and writable: no zero-fill, and decoders can share it without a copy.
-    blob = memoryview(np.empty(size_bytes, dtype=np.uint8))
+def _read_whole(fd: int, blob: memoryview) -> memoryview | None:
+    """`blob` filled with the file's bytes (as many as it holds: the file's size); None if the file
+    shrank under us (like a missing file)."""
     with open(fd, "rb", buffering=0, closefd=False) as file:
         num_read = 0
-        while num_read < size_bytes:
+        while num_read < len(blob):
             count = file.readinto(blob[num_read:])
             if not count:
                 return None

@@ -14,6 +14,11 @@ that the surviving nodes keep answering). Only when every node of a batch fails 
 tier raise TierUnavailable, which makes the tier stack skip the whole tier for a while.
 Redis evicting a chunk (maxmemory with an allkeys-* policy) is a miss like any other:
 the usable prefix ends there.
+
+Chunks written are reported stored (KV cache events). Redis evicting or expiring a key (ttl_s)
+cannot be observed per key, so it is never reported removed; the Redis is shared by the fleet in
+any case, so routers must not count it as one instance's (`kvshelf proxy` does not). A reset of
+one instance (`Shelf.clear`) drops only its model's namespaces here (`clear_model`).
 """
 
 import json
@@ -38,12 +43,15 @@ from redis.retry import Retry
 from kvshelf.config import RedisConfig
 from kvshelf.errors import TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
+from kvshelf.tiers.arena import fresh_buffer
 from kvshelf.tiers.base import Parts, Tier
-from kvshelf.tiers.redis_wire import send_commands
+from kvshelf.tiers.redis_wire import read_values, send_commands
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE_FIELD = "namespace"
+# What makes two namespaces one model's on one rank: all but the tenant salt and the LoRA adapter.
+MODEL_FIELDS = ("model_id", "layout", "tp_rank", "tp_size", "extra")
 USAGE_REFRESH_S = 1.0
 SCAN_BATCH = 512
 _CHUNK_NAME_ID = re.compile(f"[0-9a-f]{{{NAMESPACE_ID_CHARS}}}")
@@ -271,12 +279,20 @@ class RedisTier(Tier[bytes]):
         names = [self._name(key) for key in keys]
         return [bool(reply) for reply in self._batch(names, lambda pipe, i: pipe.exists(names[i]))]
 
-    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+    def get_many(
+        self, keys: Sequence[ChunkKey], into: Callable[[int], memoryview] | None = None
+    ) -> list[memoryview | None]:
+        """Each value is read from the socket into `into(its length)` (the memory tier's arena), or
+        into fresh memory."""
         names = [self._name(key) for key in keys]
-        if self._ttl_ms is None:
-            return self._batch(names, lambda pipe, i: pipe.get(names[i]))
         # GETEX reads and renews the expiry in one command: chunks in use do not expire.
-        return self._batch(names, lambda pipe, i: pipe.getex(names[i], px=self._ttl_ms))
+        ttl_args = [b"PX", str(self._ttl_ms).encode()] if self._ttl_ms else []
+        command = b"GETEX" if ttl_args else b"GET"
+
+        def send_gets(client: redis.Redis, indices: list[int]) -> list[Any]:
+            return read_values(client, [[command, names[i], *ttl_args] for i in indices], into or fresh_buffer)
+
+        return self._per_node_batch(names, send_gets)
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Parts]]) -> None:
         names = [self._name(key) for key, _ in items]
@@ -285,7 +301,8 @@ class RedisTier(Tier[bytes]):
         def send_sets(client: redis.Redis, indices: list[int]) -> list[Any]:
             return send_commands(client, [[b"SET", names[i], items[i][1], *ttl_args] for i in indices])
 
-        self._per_node_batch(names, send_sets)
+        replies = self._per_node_batch(names, send_sets)
+        self._note_stored([key for (key, _), reply in zip(items, replies) if reply is not None])
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         names = [self._name(key) for key in keys]
@@ -337,10 +354,10 @@ class RedisTier(Tier[bytes]):
                 continue
             yield name, self.key_of(name)
 
-    def _scan(self, namespace_id: str | None) -> Iterator[bytes]:
-        """Every stored name under the prefix (or one namespace), as Redis holds it."""
+    def _scan(self, namespace_id: str | None, field: str = "*") -> Iterator[bytes]:
+        """Every stored name under the prefix (or one namespace; or one `field` of each), as Redis holds it."""
         self.connect()
-        pattern = f"{self._prefix}:{namespace_id or '*'}:*"
+        pattern = f"{self._prefix}:{namespace_id or '*'}:{field}"
         for node in list(self._nodes.values()):
             with _redis_errors_as_unavailable(node.name):
                 yield from node.client.scan_iter(match=pattern, count=SCAN_BATCH)
@@ -377,7 +394,23 @@ class RedisTier(Tier[bytes]):
         for start in range(0, len(names), SCAN_BATCH):
             batch = names[start : start + SCAN_BATCH]
             self._batch(batch, lambda pipe, i, batch=batch: pipe.unlink(batch[i]))
+        self._note_removed([key for name in names if (key := self.key_of(name.decode(errors="replace")))])
         return len(names)
+
+    def clear_model(self, description: dict, namespace_ids: Sequence[str] = ()) -> None:
+        """Remove one model's namespaces: those recorded with a description that agrees with
+        `description` (a public description) on MODEL_FIELDS, whatever their tenant salt and adapter,
+        and `namespace_ids` (the caller's own, whose description Redis may have evicted)."""
+        matching = set(namespace_ids)
+        names = list(self._scan(None, NAMESPACE_FIELD))
+        for start in range(0, len(names), SCAN_BATCH):
+            batch = names[start : start + SCAN_BATCH]
+            for name, text in zip(batch, self._batch(batch, lambda pipe, i, batch=batch: pipe.get(batch[i]))):
+                namespace_id = name.decode(errors="replace").split(":")[-2]
+                if _CHUNK_NAME_ID.fullmatch(namespace_id) and _same_model(text, description):
+                    matching.add(namespace_id)
+        for namespace_id in sorted(matching):
+            self.clear(namespace_id)
 
     def server_info(self) -> list[dict]:
         """Per node: memory in use, maxmemory and its policy, keys Redis evicted."""
@@ -397,6 +430,15 @@ class RedisTier(Tier[bytes]):
         if self._cluster is not None:
             self._cluster.close()
         self._nodes, self._cluster, self._pool = {}, None, None
+
+
+def _same_model(text: bytes | None, description: dict) -> bool:
+    """Whether a recorded namespace description (JSON) agrees with `description` on MODEL_FIELDS."""
+    try:
+        recorded = json.loads(text) if text is not None else None
+    except ValueError:
+        return False
+    return isinstance(recorded, dict) and all(recorded.get(name) == description.get(name) for name in MODEL_FIELDS)
 
 
 def _unquoted(text: str | None) -> str | None:

@@ -30,6 +30,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvshelf.config import connector_config
 from kvshelf.integrations.vllm.context import EngineFacts, engine_facts
+from kvshelf.integrations.vllm.events import KVShelfKVEvents, SchedulerEvents, worker_events
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
 from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
@@ -68,6 +69,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         extra_config = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         config = connector_config(extra_config)
         facts = engine_facts(vllm_config, kv_cache_config, extra_config)
+        self._base_namespace = facts.base_namespace  # a reset drops this model's KV from a shared Redis too
         if config.chunk_size % facts.block_size:
             raise ValueError(
                 f"kvshelf chunk_size {config.chunk_size} is not a multiple of vLLM's block_size {facts.block_size}; "
@@ -95,7 +97,8 @@ class KVShelfConnector(KVConnectorBase_V1):
                                             hand_over_wait_s=config.pd.push_timeout_s)
             if config.lookup_address is not None:
                 client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
-                self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace, client, keyring))
+                self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace,
+                                                         config.chunk_size, client, keyring))
         else:
             tp_rank = get_tensor_model_parallel_rank()
             shelf = Shelf(config)
@@ -104,6 +107,10 @@ class KVShelfConnector(KVConnectorBase_V1):
                                               on_located=self._worker.located))
             self._worker.hand_over.receive(facts.base_namespace.layout.bytes_per_token)
         self._failed_request_ids: set[str] = set()
+        events_config = vllm_config.kv_events_config
+        # Workers send their shelf's events only when vLLM publishes them (--kv-events-config).
+        self._publishes_events = bool(events_config and events_config.enable_kv_cache_events)
+        self._events = SchedulerEvents()
 
     # ---- scheduler side ----
 
@@ -126,6 +133,11 @@ class KVShelfConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any) -> None:
         if connector_output.invalid_block_ids:
             self._scheduler.forget_failed_blocks(connector_output.invalid_block_ids)
+        self._events.add(connector_output.kv_cache_events)
+
+    def take_events(self) -> list[Any]:
+        """kvshelf's KV cache events, for vLLM to publish with its own (see events.py)."""
+        return self._events.take()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Async: the blocks stay until the worker has copied the request's KV out (get_finished).
@@ -133,7 +145,7 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def reset_cache(self) -> bool | None:
         """vLLM's reset_prefix_cache with reset_external: empty this instance's shelf."""
-        return self._lookup_client.reset()
+        return self._lookup_client.reset(self._base_namespace)
 
     # ---- worker side ----
 
@@ -158,6 +170,12 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._worker.finished(finished_req_ids)
+
+    def get_kv_connector_kv_cache_events(self) -> KVShelfKVEvents | None:
+        """What this worker's shelf stored and dropped since the last step, when vLLM publishes events."""
+        if self._worker is None or not self._publishes_events:
+            return None
+        return worker_events(self._worker.shelf)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_block_ids()
