@@ -132,9 +132,9 @@ class SlowPaged(PagedKV):
         super().__init__(paged.layers)
         self.go = threading.Event()
 
-    def gather(self, block_ids, num_tokens=None):
+    def gather(self, block_ids, num_tokens=None, out=None):
         assert self.go.wait(PATIENCE_S)
-        return super().gather(block_ids, num_tokens)
+        return super().gather(block_ids, num_tokens, out)
 
 
 def test_a_preempted_requests_blocks_wait_for_its_save_to_copy_them(worker, shelf, namespace):

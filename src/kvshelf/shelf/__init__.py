@@ -192,7 +192,8 @@ class Shelf:
         self._check_kv(kv, namespace)
 
         def chunk_at(index: int) -> torch.Tensor:
-            return kv[:, :, index * self.chunk_size : (index + 1) * self.chunk_size].clone()
+            part = kv[:, :, index * self.chunk_size : (index + 1) * self.chunk_size]
+            return self.chunk_memory(namespace, part.shape[2]).copy_(part)
 
         return self.save_chunks(token_ids[: start + kv.shape[2]], namespace, chunk_at, start, mm_hashes)
 
@@ -214,8 +215,9 @@ class Shelf:
         (`num_prompt_tokens`, default len(token_ids)); `admit=False` stores all (a hand-over).
 
         `chunk_at(i)` returns the i-th of those chunks, (layers, 2, chunk_size, kv_heads, head_dim)
-        (the tail: its own length of tokens), as a tensor the shelf keeps (no copy is made); it is
-        called only for chunks the memory tier lacks. Returns at once: chunks go to memory now and
+        (the tail: its own length of tokens), as a tensor the shelf keeps: as it is when it lies in
+        the memory tier's arena (`chunk_memory`), else copied there; it is called only for chunks
+        the memory tier lacks. Returns at once: chunks go to memory now and
         to lower tiers in the background. Returns how many chunks were new to memory.
         """
         if start % self.chunk_size:
@@ -241,6 +243,11 @@ class Shelf:
         if self._stack.lower:
             self._writer.submit(lambda: self._stack.write_lower(items, namespace, self.metrics.store_seconds))
         return len(new_items)
+
+    def chunk_memory(self, namespace: Namespace, num_tokens: int) -> torch.Tensor:
+        """Room for a chunk of `num_tokens` of `namespace` in the memory tier's arena, for an engine to
+        copy its KV into and hand to `save_chunks` (which then stores it without another copy)."""
+        return self._stack.memory.allocate(namespace.layout.shape(num_tokens), namespace.layout.torch_dtype)
 
     def held_nearby(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Whether each key is in memory or in the inbox: what a pushing prefill instance may skip."""

@@ -47,4 +47,6 @@ class BackgroundWriter:
             except Exception:  # noqa: BLE001 - one bad job must not kill the writer
                 logger.exception("kvshelf: background write failed")
             finally:
+                # Not held while waiting for the next: its chunks may be arena memory the tier evicts.
+                job = None
                 self._jobs.task_done()

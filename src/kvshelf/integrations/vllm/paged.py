@@ -62,12 +62,14 @@ class PagedKV:
         self.layers = list(layer_views)
         self.block_size = self.layers[0][0].shape[1]
 
-    def gather(self, block_ids: Sequence[int], num_tokens: int | None = None) -> torch.Tensor:
+    def gather(
+        self, block_ids: Sequence[int], num_tokens: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The KV of `block_ids`, in order, as one CPU chunk (layers, 2, tokens, kv_heads, head_dim):
-        all their tokens, or the first `num_tokens`."""
+        all their tokens, or the first `num_tokens`; written into `out` if given (of that shape)."""
         keys = self.layers[0][0]
         num_tokens = len(block_ids) * self.block_size if num_tokens is None else num_tokens
-        chunk = torch.empty((len(self.layers), 2, num_tokens, *keys.shape[2:]), dtype=keys.dtype)
+        chunk = torch.empty((len(self.layers), 2, num_tokens, *keys.shape[2:]), dtype=keys.dtype) if out is None else out
         for layer_chunk, views in zip(chunk, self.layers):
             for begin, block_id, count in self._spans(block_ids, num_tokens):
                 for kv_chunk, view in zip(layer_chunk, views):

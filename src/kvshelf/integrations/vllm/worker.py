@@ -68,6 +68,8 @@ class JobThread:
                 job()
             except Exception:  # noqa: BLE001 - jobs contain their own failures; this is a last resort
                 logger.exception("kvshelf: a background transfer failed")
+            # Not held while waiting for the next: its chunks may be arena memory the tier evicts.
+            job = None
 
 
 class WorkerSide:
@@ -327,11 +329,13 @@ class WorkerSide:
         """chunk_at(i): the i-th chunk of `transfer` (from its start), copied from the request's blocks."""
         chunking, chunk_blocks = self.shelf.chunking, self.shelf.chunk_size // self.block_size
         first_block = transfer.start // self.block_size
+        namespace = transfer.prompt.namespace
 
         def chunk_at(index: int) -> torch.Tensor:
             begin = first_block + index * chunk_blocks
             num_tokens = chunking.tokens_in(index, transfer.end - transfer.start)
-            return self.paged.gather(transfer.block_ids[begin : begin + chunk_blocks], num_tokens)
+            out = self.shelf.chunk_memory(namespace, num_tokens)  # straight into the arena: no copy to store it
+            return self.paged.gather(transfer.block_ids[begin : begin + chunk_blocks], num_tokens, out)
 
         return chunk_at
 
