@@ -88,7 +88,7 @@ def test_preempted_requests_travel_in_the_plan():
     assert scheduler([]).plan_step(step(preempted={"r9", "r3"})).preempted == ["r3", "r9"]
 
 
-def handed_over_params(num_tokens=len(PROMPT)):
+def handed_over_params():
     producer = scheduler([], kv_role="kv_producer")
     producer.num_new_matched_tokens(request(), 0)
     producer.plan_step(step([new_request("r1", [1, 2, 3, 4, 5], 0)], {"r1": len(PROMPT)}))

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from kvshelf import Namespace, Shelf, load_config
-from kvshelf.keys import Prompt
 from kvshelf.disagg.transfer import KVPusher
 from kvshelf.integrations.vllm.context import EngineFacts
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.integrations.vllm.worker import WorkerSide
+from kvshelf.keys import Prompt
 from kvshelf.layout import KVLayout
 from kvshelf.tiers.memory import MemoryTier
 

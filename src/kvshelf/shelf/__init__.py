@@ -16,7 +16,7 @@ import torch
 from kvshelf.codecs.framing import Expected
 from kvshelf.config import RedisConfig, ShelfConfig, load_config
 from kvshelf.errors import ConfigError, TierUnavailable
-from kvshelf.keys import ChunkKey, Chunking, MMHashes, Namespace, Prompt, chunk_keys
+from kvshelf.keys import Chunking, ChunkKey, MMHashes, Namespace, Prompt, chunk_keys
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.security import Keyring
 from kvshelf.shelf.admission import Admission

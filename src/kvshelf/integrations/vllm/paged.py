@@ -69,7 +69,8 @@ class PagedKV:
         all their tokens, or the first `num_tokens`; written into `out` if given (of that shape)."""
         keys = self.layers[0][0]
         num_tokens = len(block_ids) * self.block_size if num_tokens is None else num_tokens
-        chunk = torch.empty((len(self.layers), 2, num_tokens, *keys.shape[2:]), dtype=keys.dtype) if out is None else out
+        chunk = out if out is not None else torch.empty((len(self.layers), 2, num_tokens, *keys.shape[2:]),
+                                                        dtype=keys.dtype)
         for layer_chunk, views in zip(chunk, self.layers):
             for begin, block_id, count in self._spans(block_ids, num_tokens):
                 for kv_chunk, view in zip(layer_chunk, views):
