@@ -42,11 +42,15 @@ def make_worker(shelf: Shelf, namespace: Namespace) -> WorkerSide:
     return worker
 
 
+def disk_shelf(tmp_path) -> Shelf:
+    """A shelf over the disk tier in `tmp_path`: another process's, when one is open already."""
+    return Shelf(load_config(environ={}, chunk_size=CHUNK_SIZE, memory_size="1MiB", security_key=SECRET,
+                             disk_path=str(tmp_path / "disk")))
+
+
 @pytest.fixture
 def shelf(tmp_path):
-    config = load_config(environ={}, chunk_size=CHUNK_SIZE, memory_size="1MiB", security_key=SECRET,
-                         disk_path=str(tmp_path / "disk"))
-    with Shelf(config) as shelf:
+    with disk_shelf(tmp_path) as shelf:
         yield shelf
 
 
@@ -98,9 +102,7 @@ def test_a_background_load_from_disk_in_a_fresh_process_is_exact(shelf, namespac
     kv = kv_of()
     shelf.save(TOKENS, kv, namespace)
     shelf.flush()
-    config = load_config(environ={}, chunk_size=CHUNK_SIZE, memory_size="1MiB", security_key=SECRET,
-                         disk_path=str(tmp_path / "disk"))
-    with Shelf(config) as other:
+    with disk_shelf(tmp_path) as other:
         assert other.locate(Prompt(TOKENS, namespace)) == ["disk", "disk"]
         worker = make_worker(other, namespace)
         try:
@@ -175,9 +177,7 @@ def test_a_prefetch_promotes_lower_tier_chunks_to_memory(shelf, namespace, tmp_p
     kv = kv_of()
     shelf.save(TOKENS, kv, namespace)
     shelf.flush()
-    config = load_config(environ={}, chunk_size=CHUNK_SIZE, memory_size="1MiB", security_key=SECRET,
-                         disk_path=str(tmp_path / "disk"))
-    with Shelf(config) as other:
+    with disk_shelf(tmp_path) as other:
         worker = make_worker(other, namespace)
         prompt = Prompt(TOKENS, namespace)
         worker.prefetch("request-1", prompt, other.locate(prompt))
@@ -189,9 +189,7 @@ def test_a_prefetch_promotes_lower_tier_chunks_to_memory(shelf, namespace, tmp_p
 def test_a_prefetch_for_a_finished_request_is_dropped(shelf, namespace, tmp_path):
     shelf.save(TOKENS, kv_of(), namespace)
     shelf.flush()
-    config = load_config(environ={}, chunk_size=CHUNK_SIZE, memory_size="1MiB", security_key=SECRET,
-                         disk_path=str(tmp_path / "disk"))
-    with Shelf(config) as other:
+    with disk_shelf(tmp_path) as other:
         worker = make_worker(other, namespace)
         gate = threading.Event()
         worker._loader.submit(lambda: gate.wait(PATIENCE_S))  # the loader is busy with an earlier load
