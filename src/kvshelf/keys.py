@@ -106,6 +106,10 @@ class Chunking:
         """Tokens [begin, end) of chunk `index` of a prompt of `num_tokens`."""
         return index * self.size, min((index + 1) * self.size, num_tokens)
 
+    def prefix_tokens(self, num_chunks: int, num_tokens: int) -> int:
+        """Tokens in the first `num_chunks` chunks of a prompt of `num_tokens` (the last may be its tail)."""
+        return min(num_chunks * self.size, num_tokens)
+
     def tokens_in(self, index: int, num_tokens: int) -> int:
         begin, end = self.span(index, num_tokens)
         return end - begin

@@ -128,7 +128,7 @@ class Shelf:
         since a shared one serves every instance alike, and is left out of the hit statistics.
         """
         located = self.locate(Prompt(token_ids, namespace, mm_hashes), tail, probe)
-        return self.held_tokens(len(token_ids), len(located))
+        return self.chunking.prefix_tokens(len(located), len(token_ids))
 
     def locate(self, prompt: Prompt, tail: bool = True, probe: bool = False) -> list[str]:
         """The tier (its name) holding each of the prompt's leading chunks that the shelf holds,
@@ -137,7 +137,7 @@ class Shelf:
         located = self._stack.locate_prefix(keys, shared=not probe)
         if not probe:
             self.metrics.counters.lookup_tokens += len(prompt)
-            self.metrics.counters.hit_tokens += self.held_tokens(len(prompt), len(located))
+            self.metrics.counters.hit_tokens += self.chunking.prefix_tokens(len(located), len(prompt))
         return located
 
     def holds(self, prompt: Prompt, num_tokens: int) -> bool:
@@ -146,10 +146,6 @@ class Shelf:
         keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
         needed = keys[: self.chunking.count(num_tokens)]
         return len(self._stack.locate_prefix(needed)) == len(needed)
-
-    def held_tokens(self, num_prompt_tokens: int, num_chunks: int) -> int:
-        """Tokens in a prompt's first `num_chunks` chunks (the last may be its tail)."""
-        return min(num_chunks * self.chunk_size, num_prompt_tokens)
 
     def load(
         self,

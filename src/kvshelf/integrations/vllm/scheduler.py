@@ -121,7 +121,7 @@ class SchedulerSide:
         return num_tokens, state.load_async
 
     def _stored_tokens(self, state: RequestState) -> int:
-        return min(len(state.located) * self.chunking.size, len(state.prompt))
+        return self.chunking.prefix_tokens(len(state.located), len(state.prompt))
 
     def _push_to(self, request: Any) -> str | None:
         """Where to push the request's KV: its `kv_transfer_params.kvshelf.push_to` if that is

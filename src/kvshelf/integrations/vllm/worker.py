@@ -263,7 +263,7 @@ class WorkerSide:
             if request_id in self._prefetching or len(self._prefetching) >= MAX_QUEUED_PREFETCHES:
                 return
             self._prefetching.add(request_id)
-        num_tokens = self.shelf.held_tokens(len(prompt), len(located))
+        num_tokens = self.shelf.chunking.prefix_tokens(len(located), len(prompt))
 
         def promote() -> None:
             with self._lock:
