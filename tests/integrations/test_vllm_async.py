@@ -4,7 +4,7 @@ while it is saved, lose nothing and leak no blocks; every answer is vLLM's own.
 One engine with kvshelf (a disk tier and a memory tier too small for a chunk, so every hit
 loads from disk in the background) and one without, each driven step by step
 (vllm_stepper.py) through the same phases on a KV cache small enough that four long requests
-preempt each other. Another engine with `transfer.mode: sync` shows the old path still works.
+preempt each other. (`transfer.mode: sync` runs in tests/bench/test_stalls.py.)
 """
 
 import json
@@ -35,16 +35,15 @@ def prompts(corpus_ids):
     return {"doc": corpus_ids[:300], **{f"p{i}": corpus_ids[1000 + 400 * i : 1250 + 400 * i] for i in range(4)}}
 
 
-def phases(prompts: dict, abort: bool, preempt: bool = True) -> list[dict]:
+def phases(prompts: dict, abort: bool) -> list[dict]:
     doc = {"prompt_token_ids": prompts["doc"], "max_tokens": 8}
     longs = [{"prompt_token_ids": prompts[f"p{i}"], "max_tokens": LONG_OUTPUT} for i in range(4)]
     return [
         {"add": [{"id": "store-doc", **doc}]},
         *([{"add": [{"id": "aborted-doc", **doc}], "abort_when_loading": "aborted-doc"}] if abort else []),
         {"add": [{"id": "hit-doc", **doc}]},
-        *([{"add": [{"id": f"miss-{i}", **request} for i, request in enumerate(longs)]},  # saved, preempted
-           {"add": [{"id": f"hit-{i}", **request} for i, request in enumerate(longs)]}]  # loaded, preempted
-          if preempt else []),
+        {"add": [{"id": f"miss-{i}", **request} for i, request in enumerate(longs)]},  # saved while preempted
+        {"add": [{"id": f"hit-{i}", **request} for i, request in enumerate(longs)]},  # loaded while preempted
     ]
 
 
@@ -55,18 +54,15 @@ def runs(prompts, tmp_path_factory):
     return {
         "reference": run_stepper(None, phases(prompts, abort=False)),
         "async": run_stepper(config, phases(prompts, abort=True)),
-        "sync": run_stepper(config | {"disk.path": str(tmp_path_factory.mktemp("sync-disk")),
-                                      "transfer.mode": "sync"}, phases(prompts, abort=False, preempt=False)),
     }
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-def test_every_answer_is_vllms_own(runs, mode):
-    reference, outputs = runs["reference"]["outputs"], runs[mode]["outputs"]
+def test_every_answer_is_vllms_own(runs):
+    reference, outputs = runs["reference"]["outputs"], runs["async"]["outputs"]
     assert "hit-doc" in outputs and outputs == {name: reference[name] for name in outputs}
 
 
-@pytest.mark.parametrize("mode", ["async", "sync", "reference"])
+@pytest.mark.parametrize("mode", ["async", "reference"])
 def test_no_block_is_left_held_after_any_phase(runs, mode):
     for phase in runs[mode]["phases"]:
         assert phase["free_blocks"] == phase["initially_free"]
