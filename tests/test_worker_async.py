@@ -83,7 +83,7 @@ def finished(worker: WorkerSide, finished_ids: set[str] = frozenset()) -> tuple[
 def test_a_background_load_fills_the_blocks_and_is_reported_once(worker, shelf, namespace):
     kv = kv_of()
     shelf.save(TOKENS, kv, namespace)
-    worker.load(StepPlan(async_loads=[transfer(namespace)]))
+    worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
     assert finished(worker) == (set(), {"request-1"}, set())
     assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
     assert worker.finished(set()) == (None, None)
@@ -92,7 +92,7 @@ def test_a_background_load_fills_the_blocks_and_is_reported_once(worker, shelf, 
 def test_a_background_load_of_a_missing_chunk_reports_its_blocks_with_the_request(worker, shelf, namespace):
     kv = kv_of()
     shelf.save(TOKENS[:CHUNK_SIZE], kv[:, :, :CHUNK_SIZE], namespace)  # the second chunk was never stored
-    worker.load(StepPlan(async_loads=[transfer(namespace)]))
+    worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
     sent, loaded, failed = finished(worker)
     assert loaded == {"request-1"} and failed == {7, 1}
     assert torch.equal(worker.paged.gather(BLOCK_IDS[:2]), kv[:, :, :CHUNK_SIZE])
@@ -106,7 +106,7 @@ def test_a_background_load_from_disk_in_a_fresh_process_is_exact(shelf, namespac
         assert other.locate(Prompt(TOKENS, namespace)) == ["disk", "disk"]
         worker = make_worker(other, namespace)
         try:
-            worker.load(StepPlan(async_loads=[transfer(namespace)]))
+            worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
             assert finished(worker)[1] == {"request-1"}
             assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
         finally:
@@ -144,11 +144,11 @@ def test_a_preempted_requests_blocks_wait_for_its_save_to_copy_them(worker, shel
     worker.paged.scatter(kv, BLOCK_IDS, first_token=0, num_tokens=len(TOKENS))
     worker.paged = slow = SlowPaged(worker.paged)
     worker.save(StepPlan(saves=[transfer(namespace)], background_saves=True), set())
-    drained = threading.Thread(target=worker.handle_preemptions, args=(StepPlan(preempted=["request-1"]),))
+    drained = threading.Thread(target=worker.begin_step, args=(StepPlan(preempted=["request-1"]),))
     drained.start()
     drained.join(0.2)
     assert drained.is_alive()  # the save has not copied the blocks yet: vLLM must not reuse them
-    worker.handle_preemptions(StepPlan(preempted=["another-request"]))  # others are not held up
+    worker.begin_step(StepPlan(preempted=["another-request"]))  # others are not held up
     slow.go.set()
     drained.join(PATIENCE_S)
     assert not drained.is_alive()
@@ -160,7 +160,7 @@ def test_a_preempted_requests_blocks_wait_for_its_save_to_copy_them(worker, shel
 
 def test_a_load_waits_for_kv_being_handed_over(worker, shelf, namespace):
     kv = kv_of()
-    worker.load(StepPlan(async_loads=[transfer(namespace, wait_s=PATIENCE_S)]))
+    worker.begin_step(StepPlan(async_loads=[transfer(namespace, wait_s=PATIENCE_S)]))
     assert worker.finished(set()) == (None, None)  # nothing there yet: it waits
     shelf.save(TOKENS, kv, namespace)  # ... as a push arriving in the inbox would
     assert finished(worker) == (set(), {"request-1"}, set())
@@ -168,7 +168,7 @@ def test_a_load_waits_for_kv_being_handed_over(worker, shelf, namespace):
 
 
 def test_a_load_waiting_for_a_hand_over_that_never_comes_fails_its_blocks(worker, namespace):
-    worker.load(StepPlan(async_loads=[transfer(namespace, wait_s=0.05)]))
+    worker.begin_step(StepPlan(async_loads=[transfer(namespace, wait_s=0.05)]))
     sent, loaded, failed = finished(worker)
     assert loaded == {"request-1"} and failed == set(BLOCK_IDS)
 

@@ -153,7 +153,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._worker.register(kv_caches)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        self._worker.handle_preemptions(kv_connector_metadata.plan)
+        self._worker.begin_step(kv_connector_metadata.plan)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self._failed_request_ids = self._worker.load(self._get_connector_metadata().plan)

@@ -1,7 +1,8 @@
 """The worker half: copy chunks between the shelf and vLLM's paged KV cache.
 
-Loads the plan marks synchronous run in start_load_kv, before the forward pass; the others run
-on a loader thread while the engine keeps stepping, and get_finished reports them. Saves run in
+Loads the plan marks synchronous run in start_load_kv, before the forward pass; the others start
+on a loader thread as the step begins (handle_preemptions) and run while the engine keeps
+stepping, and get_finished reports them. Saves run in
 wait_for_save, or with `transfer.mode: async` on a saver thread: the request's blocks are held
 (the scheduler's request_finished returns delay-free) until its KV is copied out of them, then
 get_finished reports the request and vLLM frees them; storing, pushing and writing through go on
@@ -112,21 +113,24 @@ class WorkerSide:
 
     # ---- a step: handle_preemptions, start_load_kv, (forward), wait_for_save, get_finished ----
 
-    def handle_preemptions(self, plan: StepPlan) -> None:
-        """Before vLLM reuses the blocks of preempted requests: wait until no save still reads them."""
+    def begin_step(self, plan: StepPlan) -> None:
+        """At the start of vLLM's step (handle_preemptions), before its forward pass: start the plan's
+        background loads (they write only blocks of requests waiting for them, so they need not
+        wait for the forward pass, as start_load_kv would), and before vLLM reuses the blocks of
+        preempted requests, wait until no save still reads them."""
         self._step_started_s = time.perf_counter()
+        for transfer in plan.async_loads:
+            self._loader.submit(lambda transfer=transfer: self._load_in_background(transfer))
         with self._lock:
             self._lock.wait_for(lambda: not any(self._copying[request_id] for request_id in plan.preempted))
 
     def load(self, plan: StepPlan) -> set[str]:
-        """Run the plan's synchronous loads now and queue its background ones; returns the requests
-        whose synchronous load failed (their KV this step must not be saved)."""
+        """Run the plan's synchronous loads now; returns the requests whose synchronous load failed
+        (their KV this step must not be saved)."""
         failed_request_ids = set()
         for transfer in plan.loads:
             if not self._load_contained(transfer):
                 failed_request_ids.add(transfer.request_id)
-        for transfer in plan.async_loads:
-            self._loader.submit(lambda transfer=transfer: self._load_in_background(transfer))
         if plan.loads:  # the step's compute starts after its synchronous loads
             self._step_started_s = time.perf_counter()
         return failed_request_ids
