@@ -252,23 +252,24 @@ def test_a_disk_hit_is_read_and_decoded_into_the_arena_and_promoted_without_a_co
         assert torch.allclose(loaded.kv(), kv, atol=0.05)
 
 
-def test_a_redis_hit_is_read_into_the_arena(make_shelf, namespace, redis_server):
+def stored_in_redis(make_shelf, namespace, redis_server):
+    """Random KV of TOKENS stored through one shelf, and another shelf on the same Redis to read it."""
     kv = random_kv(len(TOKENS))
     writer = make_shelf(disk_path=None, redis_url=redis_server.url)
     writer.save(TOKENS, kv, namespace)
     writer.flush()
-    reader = make_shelf(disk_path=None, redis_url=redis_server.url)
+    return kv, make_shelf(disk_path=None, redis_url=redis_server.url)
+
+
+def test_a_redis_hit_is_read_into_the_arena(make_shelf, namespace, redis_server):
+    kv, reader = stored_in_redis(make_shelf, namespace, redis_server)
     loaded = reader.load(TOKENS, namespace, len(TOKENS))
     assert torch.equal(loaded.kv(), kv)
     assert all(memory_of(reader).arena.owns(chunk.data_ptr()) for chunk in loaded.chunks)
 
 
 def test_a_missing_redis_value_and_an_error_reply_are_misses_read_past(make_shelf, namespace, redis_server):
-    kv = random_kv(len(TOKENS))
-    writer = make_shelf(disk_path=None, redis_url=redis_server.url)
-    writer.save(TOKENS, kv, namespace)
-    writer.flush()
-    reader = make_shelf(disk_path=None, redis_url=redis_server.url)
+    kv, reader = stored_in_redis(make_shelf, namespace, redis_server)
     keys = reader.chunk_keys(TOKENS, namespace)
     client = redis.Redis.from_url(redis_server.url)
     client.delete(f"kvshelf:{keys[1].namespace_id}:{keys[1].hex}")
