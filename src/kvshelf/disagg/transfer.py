@@ -44,6 +44,7 @@ from kvshelf.errors import CorruptChunk, ForeignChunk
 from kvshelf.keys import ChunkKey
 from kvshelf.ports import QuietLog, secure_client, secure_server
 from kvshelf.security import Keyring
+from kvshelf.threads import background_thread
 from kvshelf.tiers.inbox import InboxTier
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ class KVReceiver:
             self._socket.close()
             raise ValueError(f"cannot listen for pushed KV on {address} ({exc}); set pd.receive_address") from exc
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="kvshelf-receive", daemon=True)
-        self._thread.start()
+        self._thread = background_thread(self._serve, "kvshelf-receive")
 
     def _serve(self) -> None:
         while not self._stopped.is_set():

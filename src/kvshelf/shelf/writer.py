@@ -6,8 +6,9 @@ logged; the thread carries on with the next one.
 
 import logging
 import queue
-import threading
 from collections.abc import Callable
+
+from kvshelf.threads import background_thread
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +17,7 @@ class BackgroundWriter:
     def __init__(self, queue_size: int, on_drop: Callable[[], None]) -> None:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=queue_size)
         self._on_drop = on_drop
-        self._thread = threading.Thread(target=self._run, name="kvshelf-writer", daemon=True)
-        self._thread.start()
+        self._thread = background_thread(self._run, "kvshelf-writer")
 
     def submit(self, job: Callable[[], None]) -> bool:
         """Queue `job`; False (and counted) if the queue is full."""

@@ -43,6 +43,8 @@ from collections import deque
 
 import numpy as np
 
+from kvshelf.threads import leave_compute_cores
+
 logger = logging.getLogger(__name__)
 
 ALIGN_BYTES = 64  # a cache line: every slot starts and ends on one
@@ -145,6 +147,7 @@ class _Prefault:
         self.thread = threading.Thread(target=self.run, name="kvshelf-prefault", daemon=True)
 
     def run(self) -> None:
+        leave_compute_cores()
         try:
             self._fault_in_ahead()
         finally:

@@ -33,7 +33,7 @@ from kvshelf.integrations.vllm.context import EngineFacts, engine_facts
 from kvshelf.integrations.vllm.events import KVShelfKVEvents, SchedulerEvents, worker_events
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
-from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
+from kvshelf.integrations.vllm.scheduler import HAND_OVER_WAITS, Role, SchedulerSide
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.security import Keyring
@@ -94,7 +94,7 @@ class KVShelfConnector(KVConnectorBase_V1):
             scheduler_role = Role.of(self._kv_transfer_config.kv_role, config.pd.push_to)
             self._scheduler = SchedulerSide(self._lookup_client.locate, config.chunk_size, facts, scheduler_role,
                                             keyring, background=config.transfer.mode == "async",
-                                            hand_over_wait_s=config.pd.push_timeout_s)
+                                            hand_over_wait_s=HAND_OVER_WAITS * config.pd.push_timeout_s)
             if config.lookup_address is not None:
                 client = LookupClient(engine_id, tp_size, LOOKUP_TIMEOUT_S)
                 self._servers.append(RoutingLookupServer(config.lookup_address, facts.base_namespace,

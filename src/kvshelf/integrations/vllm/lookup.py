@@ -50,6 +50,7 @@ from kvshelf.keys import ChunkKey, Namespace, Prompt
 from kvshelf.ports import QuietLog, secure_server
 from kvshelf.security import Keyring
 from kvshelf.shelf import Shelf
+from kvshelf.threads import background_thread
 
 logger = logging.getLogger(__name__)
 POLL_MS = 100
@@ -140,8 +141,7 @@ class _Server:
             raise ValueError(f"cannot answer lookups on {address} ({exc}); {setting}") from exc
         self._log = QuietLog(logger)
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=thread_name, daemon=True)
-        self._thread.start()
+        self._thread = background_thread(self._serve, thread_name)
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         raise NotImplementedError

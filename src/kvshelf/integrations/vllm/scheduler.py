@@ -18,7 +18,9 @@ tcp://host:port, signed by the proxy with the deployment secret as `push_to_sig`
 `security.key: none`) or to `pd.push_to`, else written through to the shared tiers. In async mode
 the hand-over runs after the step and the prefill's answer says so in its `kv_transfer_params`
 (`kvshelf.handed_over`: the tokens handed over, signed); the proxy passes that to the decode
-instance, whose load then waits up to `pd.push_timeout_s` for chunks still on their way.
+instance, whose load then waits for chunks still on their way up to HAND_OVER_WAITS times
+`pd.push_timeout_s`: a push may take that long to fail, and the write-through it falls back to
+comes after it.
 `kv_consumer`, a decode instance, loads (tails included) and never saves.
 """
 
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 Locate = Callable[[Prompt, str], list[str]]
 MEMORY_TIER = "memory"
 _HAND_OVER_CONTEXT = b"kvshelf handed_over\0"
+HAND_OVER_WAITS = 2  # a decode-side load waits this many pd.push_timeout_s: the push's, then the write-through's
 
 
 @dataclass(slots=True)
@@ -83,7 +86,7 @@ class SchedulerSide:
     ) -> None:
         """`keyring` checks the proxy's signature on a request's push_to, and signs hand-overs.
         `background`: transfer.mode async. `hand_over_wait_s`: how long a decode-side load waits
-        for KV a prefill instance is handing over (pd.push_timeout_s)."""
+        for KV a prefill instance is handing over (HAND_OVER_WAITS x pd.push_timeout_s)."""
         self.locate = locate
         self.chunking = Chunking(chunk_size)
         self.facts = facts

@@ -41,6 +41,7 @@ from kvshelf.integrations.vllm.stats import flat_counters
 from kvshelf.keys import Prompt
 from kvshelf.ports import QuietLog
 from kvshelf.shelf import Shelf
+from kvshelf.threads import background_thread
 
 logger = logging.getLogger(__name__)
 HAND_OVER_POLL_S = 0.01  # how often a load waiting for handed-over KV looks again
@@ -52,8 +53,7 @@ class JobThread:
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread = background_thread(self._run, name)
 
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.put(job)
