@@ -17,7 +17,7 @@ from kvshelf import Namespace, Shelf, load_config
 from kvshelf.integrations.vllm.context import EngineFacts
 from kvshelf.integrations.vllm.paged import PagedKV
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
-from kvshelf.integrations.vllm.worker import WorkerSide
+from kvshelf.integrations.vllm.worker import JobThread, WorkerSide
 from kvshelf.keys import Prompt
 from kvshelf.layout import KVLayout
 
@@ -199,6 +199,40 @@ def test_a_prefetch_for_a_finished_request_is_dropped(shelf, namespace, tmp_path
         gate.set()
         worker.close()
         assert other.locate(prompt) == ["disk", "disk"]
+
+
+def test_loads_run_before_prefetches_queued_earlier():
+    """Two hits arriving together: the first's load must not wait for the second's prefetch."""
+    jobs, ran, gate = JobThread("test-jobs"), [], threading.Event()
+    try:
+        jobs.submit(lambda: gate.wait(PATIENCE_S))  # busy
+        for name, urgent in (("prefetch-1", False), ("prefetch-2", False), ("load-1", True), ("load-2", True)):
+            jobs.submit(lambda name=name: ran.append(name), urgent=urgent)
+        gate.set()
+    finally:
+        jobs.close()  # runs what is queued
+    assert ran == ["load-1", "load-2", "prefetch-1", "prefetch-2"]
+
+
+def test_a_load_reads_for_itself_and_drops_its_prefetch_still_queued(shelf, namespace, tmp_path):
+    kv = kv_of()
+    shelf.save(TOKENS, kv, namespace)
+    shelf.flush()
+    with disk_shelf(tmp_path) as other:
+        worker = make_worker(other, namespace)
+        try:
+            gate = threading.Event()
+            worker._loader.submit(lambda: gate.wait(PATIENCE_S))  # busy: the prefetch stays queued
+            worker.prefetch("request-1", Prompt(TOKENS, namespace), ["disk", "disk"])
+            worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
+            gate.set()
+            assert finished(worker)[1] == {"request-1"}
+            assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
+        finally:
+            worker.close()
+        tiers = other.stats()["tiers"]
+        # Read once, from disk, by the load; the prefetch then had nothing to do and did not run.
+        assert tiers["disk"]["loaded_bytes"] > 0 and tiers["memory"]["loaded_bytes"] == 0
 
 
 def test_a_lookup_answer_keeps_only_what_loads_faster_than_it_computes_and_prefetches_it(shelf, namespace):

@@ -23,6 +23,7 @@ one transfer is contained to that transfer, logged in one line (at most one per 
 period) and counted.
 """
 
+import itertools
 import logging
 import queue
 import threading
@@ -49,22 +50,25 @@ MAX_QUEUED_PREFETCHES = 8
 
 
 class JobThread:
-    """One daemon thread running jobs in order; a failing job is logged and the next one runs."""
+    """One daemon thread running jobs in order, urgent ones before the rest; a failing job is
+    logged and the next one runs."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # (0 urgent | 1 not | 2 stop, submission order, job)
+        self._jobs: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = queue.PriorityQueue()
+        self._order = itertools.count()
         self._thread = background_thread(self._run, name)
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
+    def submit(self, job: Callable[[], None], urgent: bool = True) -> None:
+        self._jobs.put((0 if urgent else 1, next(self._order), job))
 
     def close(self) -> None:
         """Run what is queued, then stop."""
-        self._jobs.put(None)
+        self._jobs.put((2, next(self._order), None))
         self._thread.join()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (job := self._jobs.get()[2]) is not None:
             try:
                 job()
             except Exception:  # noqa: BLE001 - jobs contain their own failures; this is a last resort
@@ -174,6 +178,8 @@ class WorkerSide:
     # ---- loads ----
 
     def _load_in_background(self, transfer: Transfer) -> None:
+        with self._lock:  # the load reads what its prefetch, if still queued, would have
+            self._prefetching.discard(transfer.request_id)
         try:
             if transfer.wait_s:
                 self._wait_for_hand_over(transfer)
@@ -271,7 +277,7 @@ class WorkerSide:
 
         def promote() -> None:
             with self._lock:
-                if request_id not in self._prefetching:  # finished (or aborted) meanwhile
+                if request_id not in self._prefetching:  # finished, aborted, or its load went first
                     return
                 self._prefetching.discard(request_id)
             try:
@@ -280,7 +286,8 @@ class WorkerSide:
                 self._log.warning("prefetch", "kvshelf: prefetching request %s failed (%s: %s)",
                                   request_id, type(exc).__name__, exc)
 
-        self._loader.submit(promote)
+        # After every load queued now or later: a request's own load never waits for another's prefetch.
+        self._loader.submit(promote, urgent=False)
 
     # ---- saves ----
 
