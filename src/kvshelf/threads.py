@@ -1,13 +1,15 @@
-"""kvshelf's background threads, kept off the engine's compute cores.
+"""kvshelf's background threads, free to run on any core the process may use.
 
-vLLM's CPU worker pins its main thread to one core of its OpenMP set, and a thread inherits its
-creator's affinity: left alone, every loader, saver, writer and receiver thread of kvshelf would
-share that one core with the forward pass, however many other cores are idle. Worse, while a
-request waits for a background transfer vLLM steps empty batches in a spin loop on that core,
-and two instances on one host pinned to the same core then starve each other's transfers for
-seconds (a prefill instance's write-through stalled until the decode instance waiting for it
-gave up). So each background thread first moves itself to the cores its process may use, less
-the ones its creator was pinned to (all of them if that leaves none).
+vLLM's CPU worker pins its main thread to one core, and a thread inherits its creator's
+affinity: left alone, every loader, saver, writer and receiver thread of kvshelf would run on
+that one core. While a request waits for a background transfer, vLLM steps empty batches and its
+worker spins between them on that core, and a kvshelf thread pinned there next to another
+process's spinning worker got no CPU for seconds: two instances on one 2-core host, both pinned
+to core 0, stalled a prefill's 27 MB write-through to Redis for 5-7 s, until the decode instance
+waiting for it gave up. So each background thread first unpins itself to every core its cgroup
+allows, and the kernel places it. (Moving it only to the cores its creator was not pinned to
+fails where instances are pinned to different cores: each one's threads then land on the
+other's spinning core.)
 """
 
 import logging
@@ -33,26 +35,21 @@ def usable_cpus(cpuset_file: Path = CPUSET_FILE) -> set[int]:
     return cpus or set(range(os.cpu_count() or 1))
 
 
-def background_cpus(inherited: set[int], usable: set[int]) -> set[int]:
-    """Where a background thread runs: the usable cores its creator was not pinned to, else all."""
-    return (usable - inherited) or usable
-
-
-def leave_compute_cores() -> None:
-    """Move the calling thread off the cores it inherited from a pinned creator (Linux only)."""
+def unpin_thread() -> None:
+    """Let the calling thread run on every usable core, whatever its creator was pinned to (Linux only)."""
     if not hasattr(os, "sched_setaffinity"):
         return
     try:
-        os.sched_setaffinity(0, background_cpus(os.sched_getaffinity(0), usable_cpus()))
+        os.sched_setaffinity(0, usable_cpus())
     except OSError as exc:  # a cpuset changed under us: stay where we are
-        logger.debug("kvshelf: could not move a background thread off the compute cores: %s", exc)
+        logger.debug("kvshelf: could not unpin a background thread: %s", exc)
 
 
 def background_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """A started daemon thread running `target` off the compute cores."""
+    """A started daemon thread running `target`, unpinned."""
 
     def run() -> None:
-        leave_compute_cores()
+        unpin_thread()
         target()
 
     thread = threading.Thread(target=run, name=name, daemon=True)

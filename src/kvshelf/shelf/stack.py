@@ -26,7 +26,7 @@ from kvshelf.keys import ChunkKey, Namespace
 from kvshelf.metrics import ShelfCounters
 from kvshelf.security import Keyring
 from kvshelf.shelf.codec_choice import CodecChoice
-from kvshelf.threads import leave_compute_cores
+from kvshelf.threads import unpin_thread
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
 from kvshelf.tiers.memory import MemoryTier, tensor_bytes
 
@@ -63,7 +63,7 @@ class TierStack:
         self._counters = counters
         self._backoff_s = backoff_s
         self._keyring = keyring
-        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="kvshelf-verify", initializer=leave_compute_cores)
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="kvshelf-verify", initializer=unpin_thread)
 
     @property
     def tiers(self) -> list[Tier]:

@@ -43,7 +43,7 @@ from collections import deque
 
 import numpy as np
 
-from kvshelf.threads import leave_compute_cores
+from kvshelf.threads import unpin_thread
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class _Prefault:
         self.thread = threading.Thread(target=self.run, name="kvshelf-prefault", daemon=True)
 
     def run(self) -> None:
-        leave_compute_cores()
+        unpin_thread()
         try:
             self._fault_in_ahead()
         finally:

@@ -43,7 +43,7 @@ from redis.retry import Retry
 from kvshelf.config import RedisConfig
 from kvshelf.errors import TierUnavailable
 from kvshelf.keys import NAMESPACE_ID_CHARS, ChunkKey
-from kvshelf.threads import leave_compute_cores
+from kvshelf.threads import unpin_thread
 from kvshelf.tiers.arena import fresh_buffer
 from kvshelf.tiers.base import Parts, Tier
 from kvshelf.tiers.redis_wire import read_values, send_commands
@@ -132,7 +132,7 @@ class RedisTier(Tier[bytes]):
                 logger.warning("kvshelf: %s", failure)
             if len(nodes) > 1:
                 self._pool = ThreadPoolExecutor(len(nodes), thread_name_prefix="kvshelf-redis",
-                                                initializer=leave_compute_cores)
+                                                initializer=unpin_thread)
         self.refresh_usage(force=True)
 
     def _url(self, url: str) -> str:
