@@ -43,7 +43,7 @@ from collections import deque
 
 import numpy as np
 
-from kvshelf.threads import unpin_thread
+from kvshelf.threads import background_thread
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,9 @@ class _Prefault:
         self.faulted_bytes = 0
         self.wake = threading.Event()
         self.stopped = False
-        self.thread = threading.Thread(target=self.run, name="kvshelf-prefault", daemon=True)
+        self.thread = background_thread(self.run, "kvshelf-prefault")
 
     def run(self) -> None:
-        unpin_thread()
         try:
             self._fault_in_ahead()
         finally:
@@ -198,7 +197,6 @@ class Arena:
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mapping))
         if prefault:
             self._prefault = _Prefault(self._mapping, self.address)
-            self._prefault.thread.start()
             weakref.finalize(self, self._prefault.stop)
             self._raise_prefault_target()
 
