@@ -16,8 +16,9 @@ from kvshelf import Shelf, load_config
 from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES
 from kvshelf.disagg import transfer
+from kvshelf.disagg.handover import HandOver
 from kvshelf.disagg.transfer import KVPusher, KVReceiver, TransferCounters
-from kvshelf.keys import ChunkKey
+from kvshelf.keys import ChunkKey, Prompt
 from kvshelf.keys import chunk_keys as keyed_chunk_keys
 from kvshelf.ports import free_port, secure_client
 from kvshelf.security import Keyring
@@ -49,14 +50,15 @@ def chunks_of(kv: torch.Tensor) -> list[torch.Tensor]:
 class Receiving:
     """A decode instance: a shelf (memory + inbox) and the receiver that fills its inbox."""
 
-    def __init__(self, **overrides) -> None:
+    def __init__(self, held=None, **overrides) -> None:
+        """`held`: what the receiver asks about an offer's keys (the shelf's memory and inbox)."""
         self.address = overrides.pop("address", None) or loopback()
         config = load_config(environ={}, chunk_size=CHUNK_SIZE, pd_receive_address=self.address, security_key=SECRET,
                              **overrides)
         self.shelf = Shelf(config)
         self.counters = TransferCounters()
         try:
-            self.receiver = KVReceiver(self.shelf.inbox, self.address, self.shelf.held_nearby, self.counters,
+            self.receiver = KVReceiver(self.shelf.inbox, self.address, held or self.shelf.held_nearby, self.counters,
                                        self.shelf.keyring, CHUNK_BYTES)
         except ValueError:
             self.shelf.close()
@@ -221,6 +223,30 @@ def test_push_round_trip_then_consumed_into_memory(make_receiving, make_pusher, 
     again = shelf.load(TOKENS, namespace, upto=len(TOKENS) - 1, tail=True)
     assert torch.equal(again.kv(), kv)
 
+
+
+def test_a_hand_over_pushes_before_the_prefill_side_stores(make_shelf, opened, namespace):
+    """The decode instance waits for the push; a write-through to the shared tiers landing first
+    would win the race for its load and leave the push wasted."""
+    prefill = make_shelf(security_key=SECRET)
+    prompt = Prompt(TOKENS, namespace)
+    stored_at_offer = []
+
+    def held(keys):
+        stored_at_offer.append(prefill.holds(prompt, len(TOKENS)))
+        return decode.shelf.held_nearby(keys)
+
+    decode = Receiving(held)
+    opened.append(decode)
+    hand_over = HandOver(prefill, TransferCounters())
+    opened.append(hand_over)
+    kv = random_kv(len(TOKENS))
+    hand_over.send(prompt, chunks_of(kv), decode.address)
+    assert stored_at_offer == [False]
+    assert decode.counters.received_chunks == 3
+    assert prefill.holds(prompt, len(TOKENS))  # then stored on the prefill side too, for later prompts
+    loaded = decode.shelf.load(TOKENS, namespace, upto=len(TOKENS) - 1, tail=True)
+    assert torch.equal(loaded.kv(), kv)
 
 def test_second_push_sends_nothing_the_receiver_holds(make_receiving, make_pusher, namespace):
     receiving = make_receiving()

@@ -9,7 +9,7 @@ to core 0, stalled a prefill's 27 MB write-through to Redis for 5-7 s, until the
 waiting for it gave up. So each background thread first unpins itself to every core its cgroup
 allows, and the kernel places it. (Moving it only to the cores its creator was not pinned to
 fails where instances are pinned to different cores: each one's threads then land on the
-other's spinning core.)
+other's spinning core.) The threads ZeroMQ starts are unpinned too: see `kvshelf.ports.zmq_context`.
 """
 
 import logging
@@ -35,12 +35,13 @@ def usable_cpus(cpuset_file: Path = CPUSET_FILE) -> set[int]:
     return cpus or set(range(os.cpu_count() or 1))
 
 
-def unpin_thread() -> None:
-    """Let the calling thread run on every usable core, whatever its creator was pinned to (Linux only)."""
+def unpin_thread(native_id: int = 0) -> None:
+    """Let a thread (by its `threading` native_id; the calling thread by default) run on every
+    usable core, whatever its creator was pinned to (Linux only)."""
     if not hasattr(os, "sched_setaffinity"):
         return
     try:
-        os.sched_setaffinity(0, usable_cpus())
+        os.sched_setaffinity(native_id, usable_cpus())
     except OSError as exc:  # a cpuset changed under us: stay where we are
         logger.debug("kvshelf: could not unpin a background thread: %s", exc)
 

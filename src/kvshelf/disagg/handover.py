@@ -24,14 +24,17 @@ class HandOver:
         self._log = QuietLog(logger)
 
     def send(self, prompt: Prompt, chunks: Sequence[torch.Tensor], push_to: str | None) -> None:
-        """Store the whole prompt's chunks (`chunks`, its tail included) and hand them over: pushed
-        to `push_to`, or, without one or when the push fails, written through to the shared tiers
-        before this returns (the decode instance looks there)."""
+        """Hand the whole prompt's chunks (`chunks`, its tail included) over and store them: pushed
+        to `push_to` first, then stored here and in the shared tiers; without a push_to, or when the
+        push fails, written through to the shared tiers before this returns (the decode instance
+        looks there). The push goes first as the decode instance is waiting for it, and so that a
+        healthy push lands before the write-through, which would otherwise win the race for the
+        decode instance's load and leave the push wasted."""
+        pushed = push_to is not None and self._push(prompt, chunks, push_to)
         self._shelf.save_chunks(prompt.token_ids, prompt.namespace, chunks.__getitem__, 0, prompt.mm_hashes,
                                 tail=True, admit=False)  # the decode instance needs all of it
-        if push_to is not None and self._push(prompt, chunks, push_to):
-            return
-        self._shelf.flush()
+        if not pushed:
+            self._shelf.flush()
 
     def _push(self, prompt: Prompt, chunks: Sequence[torch.Tensor], push_to: str) -> bool:
         try:

@@ -42,7 +42,7 @@ from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES, verify
 from kvshelf.errors import CorruptChunk, ForeignChunk
 from kvshelf.keys import ChunkKey
-from kvshelf.ports import QuietLog, secure_client, secure_server
+from kvshelf.ports import QuietLog, secure_client, secure_server, zmq_context
 from kvshelf.security import Keyring
 from kvshelf.threads import background_thread
 from kvshelf.tiers.inbox import InboxTier
@@ -104,7 +104,7 @@ class KVReceiver:
         self._keyring = keyring
         self.counters = counters
         self._log = QuietLog(logger)
-        self._socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self._socket = zmq_context().socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         secure_server(self._socket, keyring, max_frame_bytes(chunk_bytes), RECEIVE_HWM)
         try:
@@ -256,7 +256,7 @@ class KVPusher:
                 return status, json.loads(answer)
 
     def _connect(self, address: str) -> zmq.Socket:
-        socket = zmq.Context.instance().socket(zmq.DEALER)
+        socket = zmq_context().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         secure_client(socket, self._keyring)

@@ -47,7 +47,7 @@ import zmq
 
 from kvshelf.disagg.kv_index import DESCRIBE_OP, HELD_OP, decode_held, encode_held
 from kvshelf.keys import ChunkKey, Namespace, Prompt
-from kvshelf.ports import QuietLog, secure_server
+from kvshelf.ports import QuietLog, secure_server, zmq_context
 from kvshelf.security import Keyring
 from kvshelf.shelf import Shelf
 from kvshelf.threads import background_thread
@@ -174,7 +174,7 @@ class LookupServer(_Server):
         self._shelf = shelf
         self._on_located = on_located
         self._path = Path(address.removeprefix("ipc://")) if address.startswith("ipc://") else None
-        super().__init__(zmq.Context.instance().socket(zmq.REP), address, "kvshelf-lookup",
+        super().__init__(zmq_context().socket(zmq.REP), address, "kvshelf-lookup",
                          "is another engine with this engine_id running?")
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
@@ -258,7 +258,7 @@ class LookupClient:
         return answers
 
     def _connect(self, rank: int) -> zmq.Socket:
-        socket = zmq.Context.instance().socket(zmq.REQ)
+        socket = zmq_context().socket(zmq.REQ)
         socket.connect(self._addresses[rank])
         self._sockets[rank] = socket
         return socket
@@ -290,7 +290,7 @@ class RoutingLookupServer(_Server):
         self._base_namespace = base_namespace
         self._chunk_size = chunk_size
         self._client = client
-        socket = zmq.Context.instance().socket(zmq.REP)
+        socket = zmq_context().socket(zmq.REP)
         secure_server(socket, keyring, MAX_LOOKUP_FRAME_BYTES, LOOKUP_RECEIVE_HWM)
         super().__init__(socket, address, "kvshelf-routing-lookup", "set lookup_address")
 
