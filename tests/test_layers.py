@@ -39,6 +39,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def is_module(name: str) -> bool:
+    """Whether `name` (kvshelf.x.y) is a module or package of kvshelf."""
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return name.split(".")[0] == "kvshelf" and (path.with_suffix(".py").is_file() or path.is_dir())
+
+
 def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
     """Every module `source` imports, lazily or not, leaving out `if TYPE_CHECKING:` blocks."""
     found: set[str] = set()
@@ -54,8 +60,9 @@ def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
             if node.level:  # relative: from the importing module's package
                 package = module.split(".")[: len(module.split(".")) - node.level + is_package]
                 found.add(".".join(package + ([node.module] if node.module else [])))
-            else:
-                found.add(node.module)
+            else:  # `from kvshelf import children` imports the module kvshelf.children
+                names = (f"{node.module}.{alias.name}" for alias in node.names)
+                found.update(name if is_module(name) else node.module for name in names)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -122,10 +129,12 @@ def test_the_check_sees_lazy_imports_and_relative_ones_but_not_type_only_ones():
         "if TYPE_CHECKING:\n    from kvshelf.config import SecurityConfig\n"
         "def load():\n    from kvshelf.integrations.hf import cache_to_canonical\n"
         "from .stack import TierStack\n"
+        "from kvshelf import children, Shelf\n"
     )
     imported = imports_of(source, "kvshelf.shelf.cost")
-    assert imported == {"typing", "kvshelf.integrations.hf", "kvshelf.shelf.stack"}
+    assert imported == {"typing", "kvshelf.integrations.hf", "kvshelf.shelf.stack", "kvshelf.children", "kvshelf"}
     rows = [{"integrations"}, {"shelf"}, {"config"}]
     assert upward_imports(rows, {"kvshelf.shelf.cost": imported}) == [
-        "kvshelf.shelf.cost imports kvshelf.integrations.hf, a layer above it"
+        "kvshelf.shelf.cost imports the package root kvshelf: import from the module that defines it",
+        "kvshelf.shelf.cost imports kvshelf.integrations.hf, a layer above it",
     ]

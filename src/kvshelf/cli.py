@@ -8,6 +8,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kvshelf import children
+
+
+def entry_point() -> int:
+    """The `kvshelf` program: `main`, and SIGTERM or SIGHUP stop the servers that demo, pd and the
+    benches started, as Ctrl-C does (see kvshelf.children)."""
+    children.stop_on_signals()
+    return main()
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvshelf", description="A KV-cache layer for LLM inference engines.")
@@ -447,4 +456,4 @@ def run_clear(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from kvshelf.bench.redis_servers import RedisServer
+from kvshelf.children import stop
 from kvshelf.disagg.launch import (
     instance_argv,
     instance_env,
@@ -22,7 +23,6 @@ from kvshelf.disagg.launch import (
     proxy_argv,
     running,
     start_process,
-    stop,
     wait_healthy,
 )
 from kvshelf.ports import free_port

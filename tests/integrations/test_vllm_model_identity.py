@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvshelf import KVLayout, Namespace
-from kvshelf.disagg.launch import start_process, stop, wait_healthy
+from kvshelf.children import stop
+from kvshelf.disagg.launch import start_process, wait_healthy
 from kvshelf.fingerprint import model_fingerprint
 from kvshelf.integrations.vllm.context import default_model_id, request_namespace
 from kvshelf.ports import free_port

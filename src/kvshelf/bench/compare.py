@@ -12,13 +12,13 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvshelf import children
 from kvshelf.bench.client import CompletionClient
 from kvshelf.bench.serving import LongDocServing, MultiRoundQA, Texts, run_long_doc, run_multi_round, summarize
 from kvshelf.models import bundled_model_dir
@@ -109,8 +109,8 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        sidecar = spec.sidecar_argv and subprocess.Popen(spec.sidecar_argv, env=env, stdout=log, stderr=log)
-        server = subprocess.Popen(spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        sidecar = spec.sidecar_argv and children.start(spec.sidecar_argv, env, log)
+        server = children.start(spec.argv, env, log)
     # Fixed-length answers, so every set-up decodes the same number of tokens.
     client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL, extra_body={"ignore_eos": True})
     try:
@@ -121,16 +121,7 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
         client.close()
         for process in (server, sidecar):
             if process:
-                stop(process)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+                children.stop(process)
 
 
 def run_compare(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 
+from kvshelf import children
 from kvshelf.ports import free_port
 
 START_TIMEOUT_S = 10.0
@@ -47,9 +48,8 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         argv = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "no", *self.args]
-        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the server process owns it
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.dir / "redis.log", "ab") as log:
+            self.process = children.start(argv, log=log)
         self._wait_until_up()
         return self
 
@@ -75,17 +75,12 @@ class RedisServer:
 
     def kill(self) -> None:
         """Die at once, as a crash would."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            children.kill(self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.process is not None:
+            children.stop(self.process, wait_s=10)
 
     def __enter__(self) -> "RedisServer":
         return self.start()

@@ -12,7 +12,6 @@ environment (as `kvshelf serve` passes it), never its command line.
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from kvshelf import children
 from kvshelf.ports import free_port
 from kvshelf.serve import connector_extra_config, redis_login_env, vllm_serve_argv
 
@@ -115,13 +115,14 @@ def running(
         yield Running(urls["proxy"], list(instances), processes)
     finally:
         for process in processes.values():
-            stop(process)
+            children.stop(process)
 
 
 def start_process(argv: list[str], log_path: Path, env: dict | None) -> subprocess.Popen:
-    """A process group of its own: stopping it stops vLLM's engine processes too."""
+    """A child that ends with this process, in a process group of its own (see kvshelf.children),
+    its output in `log_path` with the suffix .log."""
     with open(log_path.with_suffix(".log"), "w") as log:
-        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return children.start(argv, env, log)
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -135,18 +136,6 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
                 return
         time.sleep(1.0)
     raise RuntimeError(f"{url} did not become healthy in {timeout_s:.0f} s; see {log_path.with_suffix('.log')}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop `process` and its group (started by `_start`), if not gone already."""
-    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def serve_forever(setup: Running) -> int:
