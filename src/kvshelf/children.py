@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import IO
 
@@ -83,17 +84,20 @@ def start(argv: Sequence[str], env: dict[str, str] | None = None, log: IO | None
     return process
 
 
-def stop(process: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
-    """Stop `process` and its group (see `start`): SIGTERM; SIGKILL to the group once the process
-    has exited (whatever of its group outlived it), or after `wait_s` if it has not."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=wait_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    _watchdog.tell(f"-{process.pid}")
+def stop(*processes: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
+    """Stop `processes` and their groups (see `start`), all at once: SIGTERM; SIGKILL to a group
+    once its leader has exited (whatever of it outlived the leader), or after `wait_s` if not."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline_s = time.monotonic() + wait_s
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(deadline_s - time.monotonic(), 0))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _watchdog.tell(f"-{process.pid}")
 
 
 def kill(process: subprocess.Popen) -> None:

@@ -113,15 +113,13 @@ def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
         server = children.start(spec.argv, env, log)
     # Fixed-length answers, so every set-up decodes the same number of tokens.
     client = CompletionClient(f"http://127.0.0.1:{port_of(spec.argv)}", SERVED_MODEL, extra_body={"ignore_eos": True})
+    processes = [process for process in (server, sidecar) if process]
     try:
-        processes = [process for process in (server, sidecar) if process]
         client.wait_ready(START_TIMEOUT_S, is_alive=lambda: all(process.poll() is None for process in processes))
         yield client
     finally:
         client.close()
-        for process in (server, sidecar):
-            if process:
-                children.stop(process)
+        children.stop(*processes)
 
 
 def run_compare(

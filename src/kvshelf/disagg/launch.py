@@ -114,8 +114,7 @@ def running(
             wait_healthy(url, processes[name], log_dir / name)
         yield Running(urls["proxy"], list(instances), processes)
     finally:
-        for process in processes.values():
-            children.stop(process)
+        children.stop(*processes.values())
 
 
 def start_process(argv: list[str], log_path: Path, env: dict | None) -> subprocess.Popen:
