@@ -20,6 +20,7 @@ running:
 """
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import IO
+
+logger = logging.getLogger(__name__)
 
 # After SIGTERM, how long a child's group may take before SIGKILL. A serving vLLM stops in a few
 # seconds; one still starting up ignores SIGTERM until it is up (a minute and more here).
@@ -68,8 +71,12 @@ class _Watchdog:
             if self._process is None:
                 self._process = subprocess.Popen([sys.executable, "-c", _WATCHDOG, WATCHDOG_NAME],
                                                  stdin=subprocess.PIPE, text=True, start_new_session=True)
-            self._process.stdin.write(line + "\n")
-            self._process.stdin.flush()
+            try:
+                self._process.stdin.write(line + "\n")
+                self._process.stdin.flush()
+            except OSError as exc:  # someone killed it: the children still start and stop, unguarded
+                logger.warning("kvshelf: the watchdog process is gone (%s); children started now are not "
+                               "stopped if this process is killed", exc)
 
 
 _watchdog = _Watchdog()
