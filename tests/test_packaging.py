@@ -3,6 +3,7 @@ no package that is there; its requirements never narrow what vLLM requires; the 
 without the extras, and a command needing a missing extra says which to install."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -32,9 +33,14 @@ def our_requirements() -> list[Requirement]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of what a release ships: setuptools leaves a build/ directory in the tree,
+    # whose stale files would end up in later wheels.
+    tree, out = tmp_path_factory.mktemp("tree"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, tree)
+    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(ROOT)], check=True)
+                    "--wheel-dir", str(out), str(tree)], check=True)
     (built,) = out.glob("kvshelf-*.whl")
     return built
 
