@@ -101,14 +101,11 @@ def stop(*processes: subprocess.Popen, wait_s: float = STOP_WAIT_S) -> None:
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=max(deadline_s - time.monotonic(), 0))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        _watchdog.tell(f"-{process.pid}")
+        kill(process)
 
 
 def kill(process: subprocess.Popen) -> None:
-    """End `process` and its group at once (SIGKILL), as a crash would."""
+    """End `process` and its group at once (SIGKILL), as a crash would; the watchdog forgets it."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
