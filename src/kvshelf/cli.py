@@ -124,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     tier_hits.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the first is reported apart")
     tier_hits.set_defaults(handler=run_tier_hits_bench)
 
+    compat = benches.add_parser("compat", help="model families x KV dtypes x tiers: kvshelf's hits against vLLM alone")
+    compat.add_argument("--families", help="zoo families, comma-separated (default: all)")
+    compat.add_argument("--kv-dtypes", help="KV dtypes, comma-separated (default: all)")
+    compat.add_argument("--redis", action=argparse.BooleanOptionalAction, default=True,
+                        help="also a hit from a private redis-server (default: on)")
+    compat.add_argument("--out", default="out/compat")
+    compat.set_defaults(handler=run_compat_bench)
+
     serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with kvshelf attached")
     serve.add_argument("--model", help="model path or name (default: the bundled SmolLM2, float32, eager)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -313,6 +321,35 @@ def run_pd_bench(args: argparse.Namespace) -> int:
                          long_prompt_tokens=args.long_prompt_tokens, long_interval_s=args.interval)
     summary = pd_bench(Path(args.out), spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
     return _report(Path(args.out), summary, pd_table(summary), {"pd.png": plot_pd})
+
+
+def run_compat_bench(args: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+
+    from kvshelf.bench.compat import KV_DTYPES, markdown_table, run_matrix
+    from kvshelf.bench.redis_servers import RedisServer
+    from kvshelf.bench.zoo import FAMILIES
+
+    families = _choices("--families", args.families, FAMILIES)
+    kv_dtypes = _choices("--kv-dtypes", args.kv_dtypes, KV_DTYPES)
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="kvshelf-compat-redis-") as work, contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(RedisServer(Path(work))).url if args.redis else None
+        cells = run_matrix(families, kv_dtypes, out, redis_url)
+    outcomes = [cell["outcome"] for cell in cells]
+    summary = {"cells": cells, "outcomes": {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}}
+    _report(out, summary, markdown_table(cells), leave_out=("cells",))
+    return 1 if "WRONG" in outcomes else 0
+
+
+def _choices(option: str, given: str | None, known: dict) -> list[str]:
+    """The comma-separated names `given` for `option` (all of `known` if None), each checked."""
+    names = [name.strip() for name in given.split(",")] if given else list(known)
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"{option} takes names from {', '.join(known)}, comma-separated; got {given!r}")
+    return names
 
 
 def run_stalls_bench(args: argparse.Namespace) -> int:

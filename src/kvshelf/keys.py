@@ -61,6 +61,8 @@ class Namespace:
         It holds the tenant's salt: stores get `public_description` instead."""
         description = asdict(self)
         description["extra"] = dict(sorted(self.extra))
+        if self.layout.kind == "kv":  # as before layouts had kinds: their chunk keys stay the same
+            del description["layout"]["kind"]
         return description
 
     def public_description(self, keyring: Keyring) -> dict:

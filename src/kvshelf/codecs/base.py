@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from kvshelf.errors import CorruptChunk
+from kvshelf.layout import KVLayout
 
 
 class Codec(ABC):
@@ -21,6 +22,10 @@ class Codec(ABC):
     expected_ratio: float = 1.0  # stored bytes per float32 byte, before any is measured (for codec: auto)
     # True: `decode` returns a view of the payload itself, needing no memory of its own: unframe gives it no `out`.
     shares_payload: bool = False
+    planes: tuple[int, ...] = (2,)  # the layouts it takes, by planes per layer: 2 keys and values, 1 MLA
+
+    def takes(self, layout: KVLayout) -> bool:
+        return layout.planes in self.planes
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> bytes | memoryview:
@@ -45,9 +50,11 @@ class Codec(ABC):
 
 
 def check_chunk_shape(codec: Codec, shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
-    """`shape` as (layers, 2, tokens, kv_heads, head_dim); CorruptChunk if it is not one."""
-    if len(shape) != 5 or shape[1] != 2 or any(size < 0 for size in shape):
-        raise CorruptChunk(f"{codec.name} decodes chunks (layers, 2, tokens, kv_heads, head_dim), not {shape}")
+    """`shape` as (layers, planes, tokens, kv_heads, head_dim) with planes the codec takes;
+    CorruptChunk if it is not one."""
+    if len(shape) != 5 or shape[1] not in codec.planes or any(size < 0 for size in shape):
+        raise CorruptChunk(f"{codec.name} decodes chunks (layers, {' or '.join(map(str, codec.planes))}, tokens, "
+                           f"kv_heads, head_dim), not {shape}")
     return shape
 
 

@@ -55,6 +55,7 @@ class Int8Codec(Codec):
     """Symmetric 8-bit: one float32 scale per token and head (`int8`) or per channel (`int8-channel`)."""
 
     id = 2
+    planes = (1, 2)  # per token and head, or per channel: no split into keys and values
     lossless = False
     expected_ratio = 8.5 / 32
     _PER_TOKEN, _PER_CHANNEL = 0, 1
@@ -99,6 +100,7 @@ class Fp8Codec(Codec):
 
     name = "fp8"
     id = 3
+    planes = (1, 2)
     lossless = False
     expected_ratio = 8.5 / 32
 

@@ -10,6 +10,7 @@ from kvshelf.codecs.base import Codec, check_chunk_shape, check_payload_bytes, p
 class RawCodec(Codec):
     name = "raw"
     id = 1
+    planes = (1, 2)
     # A load reads the stored object into the memory tier's arena: the chunk is a view of its payload there.
     shares_payload = True
 

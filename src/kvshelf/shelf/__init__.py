@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from kvshelf.codecs import CODECS
 from kvshelf.codecs.framing import Expected
 from kvshelf.config import RedisConfig, ShelfConfig, load_config
 from kvshelf.errors import ConfigError, TierUnavailable
 from kvshelf.keys import Chunking, ChunkKey, MMHashes, Namespace, Prompt, chunk_keys
+from kvshelf.layout import KVLayout
 from kvshelf.metrics import ShelfCounters, ShelfMetrics
 from kvshelf.security import Keyring
 from kvshelf.shelf.admission import Admission
@@ -239,6 +241,17 @@ class Shelf:
         if self._stack.lower:
             self._writer.submit(lambda: self._stack.write_lower(items, namespace, self.metrics.store_seconds))
         return len(new_items)
+
+    def check_layout(self, layout: KVLayout) -> None:
+        """Refuse, at start-up, a tier codec set by name that cannot store `layout` (with `auto`
+        the ladder skips such codecs)."""
+        for slot in self._stack.lower:
+            unfit = [codec.name for codec in slot.codecs.codecs if not codec.takes(layout)]
+            if unfit and slot.codecs.budget_s is None:
+                fits = sorted(name for name, codec in CODECS.items() if codec.takes(layout))
+                raise ConfigError(f"kvshelf: {slot.tier.name}.codec {unfit[0]} cannot store this model's {layout.kind} "
+                                 f"KV ({layout.planes} plane(s) per layer); set {slot.tier.name}.codec to auto or one "
+                                 f"of {', '.join(fits)}")
 
     def chunk_memory(self, namespace: Namespace, num_tokens: int) -> torch.Tensor:
         """Room for a chunk of `num_tokens` of `namespace` in the memory tier's arena, for an engine to

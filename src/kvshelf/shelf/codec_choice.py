@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from kvshelf.codecs import CODECS, Codec
+from kvshelf.layout import KVLayout
 
 AUTO = "auto"
 # Best quality first. Each step costs quality (see `kvshelf bench codecs`) and saves bytes.
@@ -42,14 +43,15 @@ class CodecChoice:
             return cls(tuple(CODECS[level] for level in AUTO_LADDER), budget_ms / 1000)
         return cls((CODECS[name],))
 
-    def choose(self, raw_bytes: int) -> Codec:
-        """The codec for a chunk of `raw_bytes`."""
+    def choose(self, raw_bytes: int, layout: KVLayout | None = None) -> Codec:
+        """The codec for a chunk of `raw_bytes` (of `layout`: only codecs that take it, else raw)."""
+        codecs = [codec for codec in self.codecs if layout is None or codec.takes(layout)] or [CODECS["raw"]]
         if self.budget_s is None or self.read_bytes_per_s is None:
-            return self.codecs[0]
-        for codec in self.codecs:
+            return codecs[0]
+        for codec in codecs:
             if self.expected_load_s(codec, raw_bytes) <= self.budget_s:
                 return codec
-        return self.codecs[-1]
+        return codecs[-1]
 
     def expected_load_s(self, codec: Codec, raw_bytes: int) -> float:
         stored_bytes = raw_bytes * self.stored_ratio.get(codec.name, codec.expected_ratio)

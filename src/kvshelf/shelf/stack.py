@@ -192,7 +192,7 @@ class TierStack:
         group: list[tuple[ChunkKey, Parts]] = []
         group_bytes = 0
         for index, (key, chunk) in enumerate(new_items):
-            codec = slot.codecs.choose(chunk.nbytes)
+            codec = slot.codecs.choose(chunk.nbytes, namespace.layout)
             parts = frame_parts(chunk, key.digest, codec, self._keyring, self._keyring.encrypt_at_rest)
             slot.codecs.note_encoded(codec, chunk.nbytes, parts_bytes(parts))
             group.append((key, parts))

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
@@ -36,6 +37,7 @@ from kvshelf.integrations.vllm.plan import StepPlan
 from kvshelf.integrations.vllm.scheduler import HAND_OVER_WAITS, Role, SchedulerSide
 from kvshelf.integrations.vllm.stats import KVShelfPromMetrics, KVShelfStats
 from kvshelf.integrations.vllm.worker import WorkerSide
+from kvshelf.layout import KVLayout
 from kvshelf.security import Keyring
 from kvshelf.shelf import Shelf
 
@@ -53,6 +55,18 @@ def cpu_attention_isa(vllm_config: Any, facts: EngineFacts) -> str | None:
                          vllm_config.cache_config.cache_dtype)
 
 
+def refuse_unloadable_attention(vllm_config: Any) -> None:
+    """vLLM's reference CPU MLA backend (no AMX) cannot prefill with cached context: the CPU
+    platform turns prefix caching off for it, and KV a connector loads is ignored by its prefill,
+    so a hit would give wrong output. Refused at start-up instead."""
+    if current_platform.is_cpu() and vllm_config.model_config.use_mla and not torch.cpu._is_amx_tile_supported():
+        raise ValueError(
+            "kvshelf cannot load KV into vLLM's reference CPU MLA backend: its prefill ignores cached context "
+            "(vLLM turns prefix caching off for MLA on CPUs without AMX), so a hit would give wrong output; run this "
+            "model without --kv-transfer-config here, or on a GPU or an AMX CPU"
+        )
+
+
 # Where vLLM's hit-source metrics put each tier's hits.
 HIT_SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "inbox": CacheHitSource.P2P,
                "redis": CacheHitSource.EXTERNAL_UNSPECIFIED}
@@ -63,9 +77,13 @@ class KVShelfMetadata(KVConnectorMetadata):
     plan: StepPlan
 
 
-class KVShelfConnector(KVConnectorBase_V1):
+class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
+    """SupportsHMA: vLLM keeps its hybrid KV cache allocator on (sliding-window layers keep only
+    their window); the connector copies each layer through its own group's block table."""
+
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        refuse_unloadable_attention(vllm_config)
         extra_config = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         config = connector_config(extra_config)
         facts = engine_facts(vllm_config, kv_cache_config, extra_config)
@@ -112,6 +130,11 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._publishes_events = bool(events_config and events_config.enable_kv_cache_events)
         self._events = SchedulerEvents()
 
+    @property
+    def kv_layout(self) -> KVLayout:
+        """What one token's KV looks like as kvshelf stores it."""
+        return self._base_namespace.layout
+
     # ---- scheduler side ----
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -141,6 +164,11 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Async: the blocks stay until the worker has copied the request's KV out (get_finished).
+        return self._scheduler.finished(request)
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.finished(request)
 
     def reset_cache(self) -> bool | None:

@@ -2,7 +2,7 @@
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvshelf.config import MODEL_ID_KEY
@@ -23,23 +23,55 @@ class EngineFacts:
 
     base_namespace: Namespace  # per request: LoRA adapter and cache_salt; per worker: tp_rank
     block_size: int
+    # vLLM's KV cache groups (one, or several with its hybrid allocator): each group's layers
+    # share block tables. The sliding window of each group's layers, None for full attention.
+    windows: tuple[int | None, ...] = (None,)
+    layer_groups: dict[str, int] = field(default_factory=dict)  # layer name -> its group
+    compute_dtype: str = "float32"  # the model's: an fp8 cache quantizes KV computed in it
+
+    @property
+    def has_windows(self) -> bool:
+        return any(window is not None for window in self.windows)
+
+
+def kv_cache_groups(kv_cache_config: Any) -> tuple[tuple[int | None, ...], dict[str, int], int]:
+    """(each group's sliding window or None, each layer's group, the block size) of vLLM's KV
+    cache groups; a group kvshelf cannot store (SSM state, chunked local attention, ...) is refused."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    windows, layer_groups, block_sizes = [], {}, set()
+    for index, group in enumerate(kv_cache_config.kv_cache_groups):
+        spec = group.kv_cache_spec
+        if type(spec) is SlidingWindowSpec:
+            windows.append(spec.sliding_window)
+        elif type(spec) in (FullAttentionSpec, MLAAttentionSpec):  # with the allocator off, windowed layers too
+            windows.append(None)
+        else:
+            raise ValueError(f"kvshelf stores attention KV only; this model's KV cache group {index} holds "
+                             f"{type(spec).__name__} ({len(group.layer_names)} layers), which it cannot store. "
+                             "Run it without --kv-transfer-config")
+        block_sizes.add(spec.block_size)
+        layer_groups.update(dict.fromkeys(group.layer_names, index))
+    if len(block_sizes) != 1:
+        raise ValueError(f"kvshelf needs one block size in every KV cache group; this model's groups use "
+                         f"{sorted(block_sizes)}")
+    return tuple(windows), layer_groups, block_sizes.pop()
 
 
 def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str, Any]) -> EngineFacts:
     model_config, parallel_config = vllm_config.model_config, vllm_config.parallel_config
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ValueError(
-            f"kvshelf supports models with one KV cache group (full attention in every layer); "
-            f"this model has {len(groups)} (sliding-window or hybrid layers)"
-        )
+    windows, layer_groups, block_size = kv_cache_groups(kv_cache_config)
     layout = KVLayout(
-        num_layers=len(groups[0].layer_names),
+        num_layers=len(layer_groups),
         num_kv_heads=model_config.get_num_kv_heads(parallel_config),
         head_dim=model_config.get_head_size(),
         dtype=_kv_dtype_name(vllm_config),
+        kind="mla" if model_config.use_mla else "kv",
     )
     model_id = extra_config.get(MODEL_ID_KEY) or default_model_id(model_config, vllm_config.load_config)
+    compute_dtype = DTYPE_NAMES[model_config.dtype]
+    # KV quantized to fp8 from bfloat16 and from float32 differs: another compute dtype is another namespace.
+    compute = (("compute_dtype", compute_dtype),) if compute_dtype != layout.dtype else ()
     namespace = Namespace(
         model_id,
         layout,
@@ -47,9 +79,9 @@ def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str,
         tp_size=parallel_config.tensor_parallel_size,
         # KV from another engine may differ in the last bits; never mix them. Chunks stored before
         # kvshelf read the CPU cache's transposed keys in token order differ in meaning: "kv-order".
-        extra=(("engine", "vllm"), ("kv-order", "tokens")),
+        extra=(("engine", "vllm"), ("kv-order", "tokens"), *compute),
     )
-    return EngineFacts(namespace, vllm_config.cache_config.block_size)
+    return EngineFacts(namespace, block_size, windows, layer_groups, compute_dtype)
 
 
 def default_model_id(model_config: Any, load_config: Any) -> str:

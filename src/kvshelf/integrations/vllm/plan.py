@@ -11,7 +11,7 @@ class Transfer:
 
     request_id: str
     prompt: Prompt  # the whole prompt
-    block_ids: list[int]  # the request's blocks, from token 0
+    block_ids: tuple[list[int], ...]  # the request's blocks per KV cache group, from token 0
     start: int
     end: int
     hand_over: bool = False  # kv_producer: save the tail too, and hand all of it to the decode side now
@@ -30,4 +30,5 @@ class StepPlan:
     num_prefill_tokens: int = 0
     num_tokens: int = 0
     num_attention_pairs: int = 0
-    background_saves: bool = False  # transfer.mode async: saves run after the step; blocks held till done
+    # transfer.mode async (and no sliding-window group): saves run after the step; blocks held till done
+    background_saves: bool = False

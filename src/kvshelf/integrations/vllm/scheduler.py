@@ -11,6 +11,12 @@ finishes its prefill (chunks already stored are skipped); in async mode the copy
 the step, and `request_finished` holds the request's blocks until the worker reports it done.
 `transfer.mode: sync` loads and saves inside the step, as kvshelf did before.
 
+Models with sliding-window layers under vLLM's hybrid allocator (SupportsHMA): a sliding-window
+group frees the blocks its window has moved past as the prefill goes on, so each step saves the
+chunks it completed, copied out inside the step (a background copy could read blocks vLLM has
+already given to another request); loads skip the blocks vLLM did not allocate (outside the
+window of the loaded prefix).
+
 Roles (vLLM's kv_role): `kv_both` loads and saves full chunks. `kv_producer`, a prefill
 instance, also saves the prompt's partial last chunk and hands the whole prompt to a decode
 instance: pushed to the address in the request's `kv_transfer_params.kvshelf.push_to` (only
@@ -53,7 +59,7 @@ class RequestState:
     located: list[str]  # the tier of each leading chunk held, at lookup
     push_to: str | None = None  # kv_producer: the decode instance to push the prompt's KV to
     handed_over: int = 0  # decode side: tokens a prefill instance said it is handing over
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group
     local_tokens: int = 0  # leading prompt tokens in vLLM's own prefix cache, at the last ask
     load: tuple[int, int] | None = None  # tokens [start, end) to load in the next step
     load_async: bool = False
@@ -93,6 +99,8 @@ class SchedulerSide:
         self.role = role
         self.keyring = keyring
         self.background = background
+        # Sliding-window groups free blocks while the request runs: saves copy within the step.
+        self.background_saves = background and not facts.has_windows
         self.hand_over_wait_s = hand_over_wait_s
         self.requests: dict[str, RequestState] = {}
         self._waiting: list[str] = []  # requests whose background load goes out with the next plan
@@ -166,7 +174,7 @@ class SchedulerSide:
         state = self.requests.get(request.request_id)
         if state is None:
             return
-        state.block_ids = list(blocks.get_block_ids()[0])
+        state.block_ids = [list(group) for group in blocks.get_block_ids()]
         if num_external_tokens > 0:
             state.load = (state.local_tokens, state.local_tokens + num_external_tokens)
             if state.load_async:  # not scheduled this step: its load goes out with this step's plan
@@ -174,7 +182,7 @@ class SchedulerSide:
 
     def plan_step(self, scheduler_output: Any) -> StepPlan:
         plan = StepPlan(preempted=sorted(scheduler_output.preempted_req_ids or ()),
-                        background_saves=self.background)
+                        background_saves=self.background_saves)
         for request_id in self._waiting:
             state = self.requests.get(request_id)
             if state is not None and state.load is not None:
@@ -183,7 +191,7 @@ class SchedulerSide:
         for new in scheduler_output.scheduled_new_reqs:
             state = self.requests.get(new.req_id)
             if state is not None:
-                state.block_ids = list(new.block_ids[0])
+                state.block_ids = [list(group) for group in new.block_ids]
                 self._plan_request(plan, new.req_id, state, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
         for index, request_id in enumerate(cached.req_ids):
@@ -192,9 +200,10 @@ class SchedulerSide:
                 continue
             new_block_ids = cached.new_block_ids[index]
             if request_id in cached.resumed_req_ids:  # after preemption: all its blocks are new
-                state.block_ids = list(new_block_ids[0])
+                state.block_ids = [list(group) for group in new_block_ids]
             elif new_block_ids is not None:
-                state.block_ids.extend(new_block_ids[0])
+                for group, new_ids in zip(state.block_ids, new_block_ids):
+                    group.extend(new_ids)
             self._plan_request(plan, request_id, state, cached.num_computed_tokens[index], scheduler_output)
         return plan
 
@@ -214,7 +223,17 @@ class SchedulerSide:
         plan.num_prefill_tokens += max(min(num_scheduled, prompt_tokens - num_computed), 0)
         plan.num_tokens += num_scheduled
         plan.num_attention_pairs += num_attention_pairs(num_computed, num_scheduled)
-        if not self.role.saves or not num_computed < prompt_tokens <= num_computed + num_scheduled:
+        if not self.role.saves or not num_computed < prompt_tokens:
+            return
+        if self.facts.has_windows and not self.role.hands_over:
+            # Each step's completed chunks now: the window frees their blocks as the prefill goes on.
+            start = self.chunking.floor(max(self._stored_tokens(state), num_computed))
+            end = self.chunking.floor(min(num_computed + num_scheduled, prompt_tokens))
+            if end > start:
+                plan.saves.append(self._transfer(request_id, state, start, end))
+                state.saving = True
+            return
+        if prompt_tokens > num_computed + num_scheduled:
             return  # only the step that finishes the prefill saves
         if self.role.hands_over:
             # All of it, tail included, even what the shelf held: the decode side may lack it.
@@ -229,17 +248,19 @@ class SchedulerSide:
 
     def _transfer(self, request_id: str, state: RequestState, start: int, end: int, hand_over: bool = False,
                   wait_s: float = 0.0) -> Transfer:
-        # A copy of the block list: the plan travels to the workers while later steps extend it.
-        block_ids = state.block_ids[: -(-end // self.facts.block_size)]
+        # A copy of the block lists: the plan travels to the workers while later steps extend them.
+        num_blocks = -(-end // self.facts.block_size)
+        block_ids = tuple(group[:num_blocks] for group in state.block_ids)
         return Transfer(request_id, state.prompt, block_ids, start, end, hand_over, state.push_to, wait_s)
 
     def forget_failed_blocks(self, invalid_block_ids: set[int]) -> None:
         """Chunks whose blocks failed to load are gone from the shelf (or unreadable): stop counting
         them as stored, so the request's recomputed prefill saves them again."""
         for state in self.requests.values():
-            failed = [index for index, block_id in enumerate(state.block_ids) if block_id in invalid_block_ids]
+            failed = [index for group in state.block_ids for index, block_id in enumerate(group)
+                      if block_id in invalid_block_ids]
             if failed:
-                first_failed_chunk = failed[0] * self.facts.block_size // self.chunking.size
+                first_failed_chunk = min(failed) * self.facts.block_size // self.chunking.size
                 del state.located[first_failed_chunk:]
                 state.handed_over = 0
 
@@ -267,7 +288,7 @@ class SchedulerSide:
             num_tokens = len(state.prompt)
             signature = self.keyring.sign(hand_over_message(state.prompt, num_tokens))
             params = {"kvshelf": {"handed_over": num_tokens, "handed_over_sig": signature}}
-        return self.background, params
+        return self.background_saves, params
 
 
 def _kvshelf_params(request: Any) -> dict:

@@ -23,6 +23,7 @@ one transfer is contained to that transfer, logged in one line (at most one per 
 period) and counted.
 """
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -36,10 +37,18 @@ import torch
 from kvshelf.disagg.handover import HandOver
 from kvshelf.disagg.transfer import TransferCounters
 from kvshelf.integrations.vllm.context import EngineFacts
-from kvshelf.integrations.vllm.paged import PagedKV, block_views, check_cpu_layout
+from kvshelf.integrations.vllm.paged import (
+    NULL_BLOCK_ID,
+    PagedKV,
+    block_views,
+    blocks_from,
+    check_cpu_layout,
+    check_cpu_mla_layout,
+)
 from kvshelf.integrations.vllm.plan import StepPlan, Transfer
 from kvshelf.integrations.vllm.stats import flat_counters
 from kvshelf.keys import Prompt
+from kvshelf.layout import DTYPES
 from kvshelf.ports import QuietLog
 from kvshelf.shelf import Shelf
 from kvshelf.threads import background_thread
@@ -84,6 +93,11 @@ class WorkerSide:
         self.block_size = facts.block_size
         self.tp_rank = tp_rank
         self._head_dim = facts.base_namespace.layout.head_dim
+        self._kind = facts.base_namespace.layout.kind
+        self._layer_groups = facts.layer_groups
+        self._dtype = facts.base_namespace.layout.torch_dtype
+        self._compute_dtype = facts.compute_dtype
+        shelf.check_layout(facts.base_namespace.layout)
         self._cpu_isa = cpu_isa
         self.paged: PagedKV | None = None
         self.transfer_counters = TransferCounters()
@@ -105,11 +119,18 @@ class WorkerSide:
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Layer caches in model order, as vLLM registers them."""
-        caches = list(kv_caches.values())
+        # An fp8 cache is allocated as bytes: viewed as its float8 type.
+        caches = [cache.view(self._dtype) if cache.dtype == torch.uint8 else cache for cache in kv_caches.values()]
+        mla = self._kind == "mla"
         if self._cpu_isa is not None:
             _, num_kv_heads, block_size, _ = caches[0].shape
-            check_cpu_layout(block_size, num_kv_heads, self._head_dim, caches[0].dtype, self._cpu_isa)
-        self.paged = PagedKV([block_views(cache, self._head_dim, self._cpu_isa is not None) for cache in caches])
+            if mla:
+                check_cpu_mla_layout(block_size, self._head_dim, caches[0].dtype)
+            else:
+                check_cpu_layout(block_size, num_kv_heads, self._head_dim, caches[0].dtype, self._cpu_isa,
+                                 DTYPES[self._compute_dtype])
+        self.paged = PagedKV([block_views(cache, self._head_dim, self._cpu_isa is not None, mla) for cache in caches],
+                             [self._layer_groups.get(name, 0) for name in kv_caches])
         if self.paged.block_size != self.block_size:
             raise ValueError(
                 f"vLLM's KV cache has blocks of {self.paged.block_size} tokens, expected {self.block_size}"
@@ -226,7 +247,7 @@ class WorkerSide:
             wrong_shape = self._wrong_shape(chunk, len(prompt), index)
             if wrong_shape:
                 return begin, wrong_shape
-            block_ids = transfer.block_ids[begin // self.block_size :]
+            block_ids = blocks_from(transfer.block_ids, begin // self.block_size)
             self.paged.scatter(chunk, block_ids, first_token=begin - chunk_begin, num_tokens=end - begin)
         return loaded_end, None
 
@@ -236,14 +257,17 @@ class WorkerSide:
         heads, head_dim and dtype."""
         num_tokens = self.shelf.chunking.tokens_in(index, num_prompt_tokens)
         keys = self.paged.layers[0][0]  # (num_blocks, block_size, kv_heads, head_dim)
-        expected = (len(self.paged.layers), 2, num_tokens, *keys.shape[2:])
+        expected = (len(self.paged.layers), self.paged.planes, num_tokens, *keys.shape[2:])
         if tuple(chunk.shape) == expected and chunk.dtype == keys.dtype:
             return None
         return f"chunk {index} is {tuple(chunk.shape)} of {chunk.dtype}, the cache takes {expected} of {keys.dtype}"
 
     def _report_failed(self, transfer: Transfer, loaded_end: int, reason: str, why: str) -> None:
         """Tokens [loaded_end, end) were not loaded: their blocks are reported, and vLLM recomputes them."""
-        failed = transfer.block_ids[loaded_end // self.block_size : -(-transfer.end // self.block_size)]
+        first_block = loaded_end // self.block_size
+        failed = {block_id for group in blocks_from(transfer.block_ids, first_block,
+                                                    -(-transfer.end // self.block_size) - first_block)
+                  for block_id in group if block_id != NULL_BLOCK_ID}
         self._log.warning(reason, "kvshelf: request %s: %d tokens could not be loaded (%s); vLLM recomputes them",
                           transfer.request_id, transfer.end - loaded_end, why)
         with self._lock:
@@ -318,16 +342,22 @@ class WorkerSide:
         memory tier lacks now; a hand-over copies every chunk of the prompt, tail included, for
         `_hand_over_contained` to store and send after the blocks are released."""
         chunk_at = self._chunk_reader(transfer)
+        # A chunk some sliding-window group no longer holds all of is not stored, nor any after it.
+        held_end = self.paged.held_tokens(transfer.block_ids, transfer.end, transfer.start)
+        end = transfer.end if held_end == transfer.end else self.shelf.chunking.floor(held_end)
         if transfer.hand_over:
-            return [chunk_at(index) for index in range(self.shelf.chunking.count(transfer.end - transfer.start))]
+            return [chunk_at(index) for index in range(self.shelf.chunking.count(end - transfer.start))]
         prompt = transfer.prompt.with_rank(self.tp_rank)
-        self.shelf.save_chunks(prompt.token_ids[: transfer.end], prompt.namespace, chunk_at, transfer.start,
+        self.shelf.save_chunks(prompt.token_ids[:end], prompt.namespace, chunk_at, transfer.start,
                                prompt.mm_hashes, num_prompt_tokens=len(prompt))
         return None
 
     def _hand_over_contained(self, transfer: Transfer, chunks: list[torch.Tensor]) -> None:
+        prompt = transfer.prompt.with_rank(self.tp_rank)
+        if len(chunks) < self.shelf.chunking.count(len(prompt)):  # a sliding window freed the rest: hand over less
+            prompt = dataclasses.replace(prompt, token_ids=prompt.token_ids[: len(chunks) * self.shelf.chunk_size])
         try:
-            self.hand_over.send(transfer.prompt.with_rank(self.tp_rank), chunks, transfer.push_to)
+            self.hand_over.send(prompt, chunks, transfer.push_to)
         except Exception as exc:  # noqa: BLE001 - the hand-over is lost (the decode side recomputes), not the step
             self._save_failed(transfer, exc)
 
@@ -343,10 +373,10 @@ class WorkerSide:
         namespace = transfer.prompt.namespace
 
         def chunk_at(index: int) -> torch.Tensor:
-            begin = first_block + index * chunk_blocks
             num_tokens = chunking.tokens_in(index, transfer.end - transfer.start)
             out = self.shelf.chunk_memory(namespace, num_tokens)  # straight into the arena: no copy to store it
-            return self.paged.gather(transfer.block_ids[begin : begin + chunk_blocks], num_tokens, out)
+            block_ids = blocks_from(transfer.block_ids, first_block + index * chunk_blocks, chunk_blocks)
+            return self.paged.gather(block_ids, num_tokens, out)
 
         return chunk_at
 
