@@ -1,9 +1,13 @@
 """codec: auto — the best codec whose expected load time fits the budget, from measured speeds."""
 
+import pytest
 import torch
 
+from kvshelf import Namespace
 from kvshelf.codecs import CODECS, CODECS_BY_ID, codec_id_of, unframe
 from kvshelf.codecs.framing import Expected
+from kvshelf.errors import ConfigError
+from kvshelf.layout import KVLayout
 from kvshelf.shelf.codec_choice import AUTO_LADDER, CodecChoice
 from tests.conftest import CHUNK_SIZE, random_kv
 
@@ -31,6 +35,15 @@ def test_auto_steps_down_the_ladder_as_the_tier_gets_slower():
     assert chosen[0] == "raw" and chosen[-1] == AUTO_LADDER[-1]
     assert [AUTO_LADDER.index(name) for name in chosen] == sorted(AUTO_LADDER.index(name) for name in chosen)
     assert len(set(chosen)) >= 3
+
+
+def test_auto_chooses_only_codecs_that_take_the_layout():
+    mla = KVLayout(2, 1, 576, kind="mla")
+    choice = CodecChoice.of("auto", 100)
+    choice.read_bytes_per_s = 1e3  # so slow that the smallest codec would be chosen
+    assert choice.choose(CHUNK_BYTES).name == AUTO_LADDER[-1]
+    assert choice.choose(CHUNK_BYTES, mla).name == "int8"  # cachegen splits keys from values: MLA has neither
+    assert CodecChoice.of("kivi2", None).choose(CHUNK_BYTES, mla).name == "raw"
 
 
 def test_measured_sizes_and_speeds_replace_the_priors():
@@ -61,3 +74,25 @@ def test_a_shelf_with_auto_moves_to_smaller_codecs_when_its_disk_is_slow(make_sh
     expected = Expected(namespace.layout, CHUNK_SIZE)
     assert all(unframe(path.read_bytes(), bytes.fromhex(path.stem), shelf.keyring, CODECS_BY_ID, expected) is not None
                for path in disk.rglob("*.kvs"))
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "int8-channel", "fp8"])
+def test_mla_latents_round_trip_through_the_shelf(make_shelf, codec):
+    namespace = Namespace("mla-model@1", KVLayout(2, 1, 576, kind="mla"))
+    shelf = make_shelf(disk_codec=codec, memory_size="1KiB")  # too small to hold a chunk: loads read the disk
+    shelf.check_layout(namespace.layout)
+    kv = torch.randn(namespace.layout.shape(2 * CHUNK_SIZE))
+    shelf.save(list(range(2 * CHUNK_SIZE)), kv, namespace)
+    shelf.flush()
+    loaded = shelf.load(list(range(2 * CHUNK_SIZE)), namespace, 2 * CHUNK_SIZE)
+    assert loaded.num_tokens == 2 * CHUNK_SIZE and loaded.kv().shape == kv.shape
+    bound = CODECS[codec].error_bound(kv)
+    assert ((loaded.kv() - kv).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("codec", ["kivi2", "cachegen"])
+def test_a_codec_that_cannot_store_mla_is_refused_at_start(make_shelf, codec):
+    shelf = make_shelf(disk_codec=codec)
+    with pytest.raises(ConfigError, match=f"disk.codec {codec} cannot store this model's mla KV.*set disk.codec to "
+                                          "auto or one of fp8, int8, int8-channel, raw"):
+        shelf.check_layout(KVLayout(2, 1, 576, kind="mla"))

@@ -59,6 +59,7 @@ namespace_changes = st.one_of(
     st.builds(lambda n: {"layout": KVLayout(30, n, 64)}, st.integers(1, 64)),
     st.builds(lambda n: {"layout": KVLayout(30, 3, n)}, st.integers(1, 512)),
     st.builds(lambda d: {"layout": KVLayout(30, 3, 64, d)}, st.sampled_from(["float16", "bfloat16"])),
+    st.builds(lambda n: {"layout": KVLayout(30, n, 64, kind="mla")}, st.integers(1, 4)),
     st.builds(lambda r: {"tp_rank": r, "tp_size": 8}, st.integers(0, 7)),
     st.builds(lambda n: {"tp_size": n}, st.integers(2, 64)),
     st.builds(lambda s: {"lora_id": s}, st.text()),
@@ -98,3 +99,11 @@ def test_stored_description_holds_no_salt():
     assert "secret-tenant-salt" not in str(description) and "cache_salt" not in description
     assert description["cache_salt_tag"] == KEYRING.salt_tag("secret-tenant-salt")
     assert description["cache_salt_tag"] != Keyring(bytes(32)).salt_tag("secret-tenant-salt")
+
+
+def test_a_kv_layout_is_named_as_before_layouts_had_kinds():
+    # Adding `kind` kept every key and-value namespace's digest: their stored chunks stay reachable.
+    assert "kind" not in BASE.describe()["layout"]
+    mla = dataclasses.replace(BASE, layout=KVLayout(30, 1, 576, kind="mla"))
+    assert mla.describe()["layout"]["kind"] == "mla" and Namespace.from_description(mla.describe()) == mla
+    assert mla.layout.shape(5) == (30, 1, 5, 1, 576) and mla.layout.bytes_per_token == 30 * 576 * 4

@@ -37,9 +37,14 @@ def new_request(request_id, block_ids, num_computed):
     return SimpleNamespace(req_id=request_id, block_ids=(list(block_ids),), num_computed_tokens=num_computed)
 
 
-def scheduler(located, kv_role="kv_both", background=True):
-    return SchedulerSide(lambda prompt, request_id: list(located), CHUNK, EngineFacts(NAMESPACE, BLOCK),
-                         Role.of(kv_role, None), KEYRING, background, hand_over_wait_s=5.0)
+FACTS = EngineFacts(NAMESPACE, BLOCK)
+# A hybrid model under vLLM's hybrid allocator: group 0 full attention, group 1 a sliding window of 6.
+HYBRID = EngineFacts(NAMESPACE, BLOCK, windows=(None, 6), layer_groups={"layer.0": 0, "layer.1": 1})
+
+
+def scheduler(located, kv_role="kv_both", background=True, facts=FACTS):
+    return SchedulerSide(lambda prompt, request_id: list(located), CHUNK, facts, Role.of(kv_role, None), KEYRING,
+                         background, hand_over_wait_s=5.0)
 
 
 @pytest.mark.parametrize("located, background, expected", [
@@ -59,7 +64,7 @@ def test_a_background_load_goes_out_in_the_step_that_allocated_its_blocks():
     side.after_alloc(request(), blocks(5, 2, 7, 1, 9), 16)
     plan = side.plan_step(step())  # the request is not scheduled: it waits for its KV
     assert not plan.loads and [(t.request_id, t.block_ids, t.start, t.end) for t in plan.async_loads] == [
-        ("r1", [5, 2, 7, 1], 0, 16)]
+        ("r1", ([5, 2, 7, 1],), 0, 16)]
     assert not side.plan_step(step()).async_loads  # once
 
 
@@ -132,3 +137,21 @@ def test_failed_blocks_forget_the_chunks_from_there_on():
     side.after_alloc(request(), blocks(5, 2, 7, 1, 9), 19)
     side.forget_failed_blocks({7})  # block 2 of the request: chunk 1
     assert side.requests["r1"].located == ["disk"]
+
+
+def test_sliding_window_models_save_each_steps_chunks_inside_the_step():
+    side = scheduler([], facts=HYBRID)
+    side.num_new_matched_tokens(request(), 0)
+    group_blocks = ([1, 2, 3], [4, 5, 6])
+    side.after_alloc(request(), SimpleNamespace(get_block_ids=lambda: group_blocks), 0)
+    new = SimpleNamespace(req_id="r1", block_ids=group_blocks, num_computed_tokens=0)
+    first = side.plan_step(step([new], {"r1": 12}))  # a prefill in steps of 12 tokens: chunk 0 is complete
+    assert [(t.start, t.end, t.block_ids) for t in first.saves] == [(0, 8, ([1, 2], [4, 5]))]
+    assert not first.background_saves  # the window frees blocks as the prefill goes on: copied in the step
+    cached = SimpleNamespace(req_ids=["r1"], new_block_ids=[([7, 8], [0, 9])], resumed_req_ids=set(),
+                             num_computed_tokens=[12])
+    second = side.plan_step(SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
+                                            num_scheduled_tokens={"r1": 8}, preempted_req_ids=set()))
+    assert [(t.start, t.end) for t in second.saves] == [(8, 16)]  # chunk 1, begun in the first step
+    assert second.saves[0].block_ids == ([1, 2, 3, 7], [4, 5, 6, 0])
+    assert side.finished(request()) == (False, None)  # nothing left in the background: blocks are vLLM's now

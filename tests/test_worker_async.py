@@ -66,7 +66,7 @@ def kv_of(num_tokens: int = len(TOKENS), seed: int = 1) -> torch.Tensor:
 
 
 def transfer(namespace: Namespace, request_id: str = "request-1", **fields) -> Transfer:
-    return Transfer(request_id, Prompt(TOKENS, namespace), BLOCK_IDS, start=0, end=len(TOKENS), **fields)
+    return Transfer(request_id, Prompt(TOKENS, namespace), (BLOCK_IDS,), start=0, end=len(TOKENS), **fields)
 
 
 def finished(worker: WorkerSide, finished_ids: set[str] = frozenset()) -> tuple[set[str], set[str], set[int]]:
@@ -85,7 +85,7 @@ def test_a_background_load_fills_the_blocks_and_is_reported_once(worker, shelf, 
     shelf.save(TOKENS, kv, namespace)
     worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
     assert finished(worker) == (set(), {"request-1"}, set())
-    assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
+    assert torch.equal(worker.paged.gather((BLOCK_IDS,)), kv)
     assert worker.finished(set()) == (None, None)
 
 
@@ -95,7 +95,7 @@ def test_a_background_load_of_a_missing_chunk_reports_its_blocks_with_the_reques
     worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
     sent, loaded, failed = finished(worker)
     assert loaded == {"request-1"} and failed == {7, 1}
-    assert torch.equal(worker.paged.gather(BLOCK_IDS[:2]), kv[:, :, :CHUNK_SIZE])
+    assert torch.equal(worker.paged.gather((BLOCK_IDS[:2],)), kv[:, :, :CHUNK_SIZE])
 
 
 def test_a_background_load_from_disk_in_a_fresh_process_is_exact(shelf, namespace, tmp_path):
@@ -108,14 +108,14 @@ def test_a_background_load_from_disk_in_a_fresh_process_is_exact(shelf, namespac
         try:
             worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
             assert finished(worker)[1] == {"request-1"}
-            assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
+            assert torch.equal(worker.paged.gather((BLOCK_IDS,)), kv)
         finally:
             worker.close()
 
 
 def test_a_background_save_holds_the_blocks_until_the_request_finishes(worker, shelf, namespace):
     kv = kv_of()
-    worker.paged.scatter(kv, BLOCK_IDS, first_token=0, num_tokens=len(TOKENS))
+    worker.paged.scatter(kv, (BLOCK_IDS,), first_token=0, num_tokens=len(TOKENS))
     worker.save(StepPlan(saves=[transfer(namespace)], background_saves=True), set())
     worker._saver.submit(lambda: None)  # a marker: once it ran, the save before it is done
     deadline_s = time.monotonic() + PATIENCE_S
@@ -141,7 +141,7 @@ class SlowPaged(PagedKV):
 
 def test_a_preempted_requests_blocks_wait_for_its_save_to_copy_them(worker, shelf, namespace):
     kv = kv_of()
-    worker.paged.scatter(kv, BLOCK_IDS, first_token=0, num_tokens=len(TOKENS))
+    worker.paged.scatter(kv, (BLOCK_IDS,), first_token=0, num_tokens=len(TOKENS))
     worker.paged = slow = SlowPaged(worker.paged)
     worker.save(StepPlan(saves=[transfer(namespace)], background_saves=True), set())
     drained = threading.Thread(target=worker.begin_step, args=(StepPlan(preempted=["request-1"]),))
@@ -164,7 +164,7 @@ def test_a_load_waits_for_kv_being_handed_over(worker, shelf, namespace):
     assert worker.finished(set()) == (None, None)  # nothing there yet: it waits
     shelf.save(TOKENS, kv, namespace)  # ... as a push arriving in the inbox would
     assert finished(worker) == (set(), {"request-1"}, set())
-    assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
+    assert torch.equal(worker.paged.gather((BLOCK_IDS,)), kv)
 
 
 def test_a_load_waiting_for_a_hand_over_that_never_comes_fails_its_blocks(worker, namespace):
@@ -227,7 +227,7 @@ def test_a_load_reads_for_itself_and_drops_its_prefetch_still_queued(shelf, name
             worker.begin_step(StepPlan(async_loads=[transfer(namespace)]))
             gate.set()
             assert finished(worker)[1] == {"request-1"}
-            assert torch.equal(worker.paged.gather(BLOCK_IDS), kv)
+            assert torch.equal(worker.paged.gather((BLOCK_IDS,)), kv)
         finally:
             worker.close()
         tiers = other.stats()["tiers"]

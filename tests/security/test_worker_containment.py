@@ -55,12 +55,12 @@ def genuine_kv(num_tokens: int = len(TOKENS)) -> torch.Tensor:
 
 
 def transfer(namespace: Namespace, tokens=TOKENS, block_ids=BLOCK_IDS, **fields) -> Transfer:
-    return Transfer("request-1", Prompt(tokens, namespace), block_ids, start=0, end=len(tokens), **fields)
+    return Transfer("request-1", Prompt(tokens, namespace), (list(block_ids),), start=0, end=len(tokens), **fields)
 
 
 def blocks(worker: WorkerSide, block_ids) -> torch.Tensor:
     """The KV in `block_ids`, in order (layers, 2, tokens, kv_heads, head_dim)."""
-    return worker.paged.gather(block_ids)
+    return worker.paged.gather((block_ids,))
 
 
 def plant(shelf: Shelf, namespace: Namespace, index: int, chunk: torch.Tensor, tokens=TOKENS) -> None:
@@ -149,7 +149,7 @@ def test_one_failing_transfer_leaves_the_others_loaded(worker, shelf, namespace)
     other_tokens = list(range(200, 208))
     shelf.save(other_tokens, torch.zeros(LAYOUT.shape(8)), namespace)
     plant(shelf, namespace, 0, torch.zeros(1, 2, CHUNK_SIZE, 2, 4), other_tokens)
-    failing = Transfer("request-2", Prompt(other_tokens, namespace), [3, 4], start=0, end=8)
+    failing = Transfer("request-2", Prompt(other_tokens, namespace), ([3, 4],), start=0, end=8)
     worker.load(StepPlan(loads=[failing, transfer(namespace)]))
     assert worker.take_failed_block_ids() == {3, 4}
     assert torch.equal(blocks(worker, BLOCK_IDS), kv)

@@ -51,7 +51,7 @@ def run_tier_hits(num_tokens: int = 1900, rounds: int = 7) -> dict:
     prompts = {source: [[10_000 * index + source_index, *range(1, num_tokens)] for index in range(rounds)]
                for source_index, source in enumerate(("disk", "redis"), start=1)}
     prompts["memory"] = [[0, *range(1, num_tokens)]] * rounds
-    paged = _paged_cache(-(-num_tokens // BLOCK_SIZE))
+    paged = _paged_cache(1 - (-num_tokens // BLOCK_SIZE))  # and the null block
     with tempfile.TemporaryDirectory() as work, RedisServer(Path(work) / "redis") as server:
         common = {"chunk_size": CHUNK_SIZE, "security_key": SECRET}
         # A generous socket timeout: writing 2 x `rounds` prompts to Redis at once takes a while on a busy machine.
@@ -115,10 +115,10 @@ def _hit(shelf: Shelf, source: str, tokens: list[int], namespace: Namespace, pag
     loaded = shelf.load(tokens, namespace, len(tokens), tail=True)
     loaded_s = time.perf_counter()
     num_faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults_before
-    block_ids = list(range(-(-len(tokens) // BLOCK_SIZE)))
+    block_ids = list(range(1, 1 - (-len(tokens) // BLOCK_SIZE)))  # block 0 stands for vLLM's null block
     for index, chunk in enumerate(loaded.chunks):
         first_block = index * CHUNK_SIZE // BLOCK_SIZE
-        paged.scatter(chunk, block_ids[first_block:], first_token=0, num_tokens=chunk.shape[2])
+        paged.scatter(chunk, (block_ids[first_block:],), first_token=0, num_tokens=chunk.shape[2])
     done_s = time.perf_counter()
     if loaded.num_tokens != len(tokens) or not torch.equal(loaded.kv(), kv):
         raise RuntimeError(f"the {source} hit loaded {loaded.num_tokens} tokens, or other KV than was saved")

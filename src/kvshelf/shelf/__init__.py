@@ -270,7 +270,7 @@ class Shelf:
         expected = layout.shape(num_tokens if num_tokens is not None else kv.shape[2] if kv.dim() == 5 else -1)
         if tuple(kv.shape) != expected or kv.dtype != layout.torch_dtype:
             raise ValueError(
-                f"kv must be (layers, 2, tokens, kv_heads, head_dim) = {expected} of {layout.dtype} "
+                f"kv must be (layers, planes, tokens, kv_heads, head_dim) = {expected} of {layout.dtype} "
                 f"for this namespace, got {tuple(kv.shape)} of {kv.dtype}"
             )
 
