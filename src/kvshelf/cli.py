@@ -336,7 +336,7 @@ def run_compat_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="kvshelf-compat-redis-") as work, contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(RedisServer(Path(work))).url if args.redis else None
-        cells = run_matrix(families, kv_dtypes, out, redis_url)
+        cells = run_matrix([(family, kv_dtype) for family in families for kv_dtype in kv_dtypes], out, redis_url)
     outcomes = [cell["outcome"] for cell in cells]
     summary = {"cells": cells, "outcomes": {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}}
     _report(out, summary, markdown_table(cells), leave_out=("cells",))

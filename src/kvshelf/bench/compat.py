@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import os
 import random
@@ -29,9 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvshelf.bench.zoo import FAMILIES, VOCAB_SIZE, zoo_model_dir
+from kvshelf.bench.zoo import FAMILIES, IMAGE_SIZE, IMAGE_TOKEN_ID, VOCAB_SIZE, zoo_model_dir
 
 CHUNK_SIZE = 64  # a multiple of every family's block size
+IMAGE_AT = CHUNK_SIZE + 6  # where an image goes: in the second chunk, the first one text alone
 CHUNKED_PREFILL_TOKENS = 96  # a step's token budget in the second process: prefills take several steps
 MAX_NEW_TOKENS = 8
 RESULT = "COMPAT-CELL "  # the line a cell process ends with
@@ -56,15 +58,33 @@ class Cell:
     seconds: float = 0.0
 
 
-def prompts(seed: int = 7) -> dict[str, list[int]]:
-    """Prompts of token ids (a random-weight model reads any ids): `full` of 3 chunks and a bit,
-    `partial` sharing its first 2 chunks, `long` past the sliding window several times over,
-    `fresh` as long and sharing nothing."""
+def prompts(images: bool = False, seed: int = 7) -> dict[str, dict]:
+    """vLLM prompts of token ids (a random-weight model reads any ids): `full` of 3 chunks and a
+    bit, `partial` sharing its first 2 chunks, `long` past the sliding window several times over,
+    `fresh` as long and sharing nothing. With `images`, each has image "a" in its second chunk
+    (IMAGE_AT), and `other image` is `full` with image "b" there."""
     rng = random.Random(seed)
     ids = [rng.randrange(3, VOCAB_SIZE) for _ in range(8 * CHUNK_SIZE)]
     partial = ids[: 2 * CHUNK_SIZE] + [rng.randrange(3, VOCAB_SIZE) for _ in range(CHUNK_SIZE + 9)]
     fresh = [rng.randrange(3, VOCAB_SIZE) for _ in range(6 * CHUNK_SIZE + 17)]
-    return {"full": ids[: 3 * CHUNK_SIZE + 9], "partial": partial, "long": ids[: 7 * CHUNK_SIZE + 5], "fresh": fresh}
+    texts = {"full": ids[: 3 * CHUNK_SIZE + 9], "partial": partial, "long": ids[: 7 * CHUNK_SIZE + 5], "fresh": fresh}
+    if not images:
+        return {name: {"prompt_token_ids": token_ids} for name, token_ids in texts.items()}
+    texts["other image"] = texts["full"]
+    return {name: {"prompt_token_ids": token_ids[:IMAGE_AT] + [IMAGE_TOKEN_ID] + token_ids[IMAGE_AT:],
+                   "multi_modal_data": {"image": sample_image("b" if name == "other image" else "a")}}
+            for name, token_ids in texts.items()}
+
+
+def sample_image(name: str) -> Any:
+    """A small picture (`a` or `b`), the same on every run."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    shift = {"a": 0, "b": 97}[name]
+    pixels = np.stack([(x * 4 + shift) % 256, (y * 4 + 2 * shift) % 256, ((x + y) * 2 + shift) % 256], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def run_cell(family: str, kv_dtype: str, work_dir: Path, redis_url: str | None, phase: str) -> Cell:
@@ -90,13 +110,13 @@ def run_cell(family: str, kv_dtype: str, work_dir: Path, redis_url: str | None, 
 
 
 def _run_phase(cell: Cell, expected: dict, phase: str, work_dir: Path, redis_url: str | None) -> None:
-    test_prompts = prompts()
+    test_prompts = prompts(FAMILIES[cell.family].images)
     if phase == "first":
         try:
             with _engine(cell.family, cell.kv_dtype, None) as llm:
-                expected.update({name: _generate(llm, ids)[0] for name, ids in test_prompts.items()})
+                expected.update({name: _generate(llm, prompt)[0] for name, prompt in test_prompts.items()})
         except Exception as exc:  # noqa: BLE001 - vLLM cannot run it: record why
-            cell.outcome, cell.detail = "refused by vLLM", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            cell.outcome, cell.detail = "refused by vLLM", _vllm_refusal(cell.family, exc)
             return
         if len({tuple(output) for output in expected.values()}) < len(expected):
             raise RuntimeError("vLLM alone answers different prompts alike: the checkpoint is degenerate (weights "
@@ -109,6 +129,8 @@ def _run_phase(cell: Cell, expected: dict, phase: str, work_dir: Path, redis_url
         (shelf_config, {}, [("cold", "full"), ("memory hit", "full"), ("partial hit", "partial"),
                             ("long cold", "long"), ("long hit", "long")]),
     ]
+    if "other image" in test_prompts:  # same text, another image: only the chunk before the image may hit
+        engines[0][2].append(("other image", "other image"))
     if phase == "second":
         # A prefill in steps of CHUNKED_PREFILL_TOKENS: each step saves what it completed.
         engines = [({**shelf_config, "redis.url": None}, {"max_num_batched_tokens": CHUNKED_PREFILL_TOKENS},
@@ -137,6 +159,20 @@ def _run_phase(cell: Cell, expected: dict, phase: str, work_dir: Path, redis_url
         cell.outcome = "exact"
 
 
+def _vllm_refusal(family: str, exc: Exception) -> str:
+    """Why vLLM could not start `family`: the import error behind its "failed to be inspected"
+    (raised in a subprocess, so not chained), else `exc` itself."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    model = ModelRegistry.models.get(FAMILIES[family].architecture)
+    try:
+        if model is not None and hasattr(model, "module_name"):
+            importlib.import_module(model.module_name)
+    except Exception as import_error:  # noqa: BLE001 - this is the reason to report
+        exc = import_error
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
 @contextlib.contextmanager
 def _engine(family: str, kv_dtype: str, shelf_config: dict | None, **options: Any) -> Iterator[Any]:
     """A vLLM engine in this process (with kvshelf if `shelf_config`), shut down on exit."""
@@ -159,11 +195,10 @@ def _engine(family: str, kv_dtype: str, shelf_config: dict | None, **options: An
         gc.collect()
 
 
-def _generate(llm: Any, prompt_ids: list[int]) -> tuple[list[int], int]:
+def _generate(llm: Any, prompt: dict) -> tuple[list[int], int]:
     from vllm import SamplingParams
 
-    out = llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0),
-                       use_tqdm=False)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0), use_tqdm=False)[0]
     return list(out.outputs[0].token_ids), out.num_cached_tokens or 0
 
 
@@ -174,34 +209,42 @@ def _kv_layout() -> Any:
     return get_kv_transfer_group().kv_layout
 
 
-def run_matrix(families: list[str], kv_dtypes: list[str], out_dir: Path, redis_url: str | None = None) -> list[dict]:
-    """Every cell in its own process (an engine that fails to start leaves a process unfit for the
-    next); writes compat.json and compat.md under `out_dir`."""
+def run_matrix(cells: list[tuple[str, str]], out_dir: Path, redis_url: str | None = None,
+               together: bool = False) -> list[dict]:
+    """The (family, KV dtype) `cells`, each phase of each in a process of its own: an engine that
+    fails to start leaves a process unfit for the next. `together`: each phase of every cell in
+    one process, for cells expected to run (a test), which saves a vLLM import per cell and
+    phase. Writes compat.json and compat.md under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = []
+    results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="kvshelf-compat-") as work:
-        for family in families:
-            for kv_dtype in kv_dtypes:
-                for phase in PHASES:
-                    cell = _run_phase_process(family, kv_dtype, work, redis_url, phase)
-                    if cell["outcome"] != "pending":
-                        break
-                print(json.dumps(cell), file=sys.stderr, flush=True)
-                cells.append(cell)
-    (out_dir / "compat.json").write_text(json.dumps(cells, indent=2) + "\n")
-    (out_dir / "compat.md").write_text(markdown_table(cells))
-    return cells
+        groups = [cells] if together else [[cell] for cell in cells]
+        for group in groups:
+            for phase in PHASES:
+                pending = [cell for cell in group if results.get(cell, {}).get("outcome", "pending") == "pending"]
+                if pending:
+                    results.update(_run_phase_process(pending, work, redis_url, phase))
+            for cell in group:
+                print(json.dumps(results[cell]), file=sys.stderr, flush=True)
+    ordered = [results[cell] for cell in cells]
+    (out_dir / "compat.json").write_text(json.dumps(ordered, indent=2) + "\n")
+    (out_dir / "compat.md").write_text(markdown_table(ordered))
+    return ordered
 
 
-def _run_phase_process(family: str, kv_dtype: str, work: str, redis_url: str | None, phase: str) -> dict:
-    argv = [sys.executable, "-m", "kvshelf.bench.compat", family, kv_dtype, work, phase]
+def _run_phase_process(cells: list[tuple[str, str]], work: str, redis_url: str | None,
+                       phase: str) -> dict[tuple[str, str], dict]:
+    argv = [sys.executable, "-m", "kvshelf.bench.compat", ",".join(f"{f}:{d}" for f, d in cells), work, phase]
     argv += [redis_url] if redis_url else []
     done = subprocess.run(argv, capture_output=True, text=True, env=_cell_env())
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if lines:
-        return json.loads(lines[-1][len(RESULT):])
+    found = {}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT):])
+            found[(result["family"], result["kv_dtype"])] = result
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return asdict(Cell(family, kv_dtype, "error", f"{phase} phase: exit {done.returncode}: {tail[:300]}"))
+    failed = f"{phase} phase: exit {done.returncode}: {tail[:300]}"
+    return {cell: found.get(cell) or asdict(Cell(*cell, "error", failed)) for cell in cells}
 
 
 def _cell_env() -> dict[str, str]:
@@ -225,7 +268,8 @@ def markdown_table(cells: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    # One phase of one cell: FAMILY KV_DTYPE WORK_DIR PHASE [REDIS_URL]; vLLM runs in this process.
-    family, kv_dtype, work_dir, phase = sys.argv[1:5]
-    cell = run_cell(family, kv_dtype, Path(work_dir), sys.argv[5] if len(sys.argv) > 5 else None, phase)
-    print(RESULT + json.dumps(asdict(cell)), flush=True)
+    # One phase of some cells: FAMILY:KV_DTYPE,... WORK_DIR PHASE [REDIS_URL]; vLLM runs in this process.
+    cells, work_dir, phase = sys.argv[1:4]
+    for family, kv_dtype in (cell.split(":") for cell in cells.split(",")):
+        cell = run_cell(family, kv_dtype, Path(work_dir), sys.argv[4] if len(sys.argv) > 4 else None, phase)
+        print(RESULT + json.dumps(asdict(cell)), flush=True)

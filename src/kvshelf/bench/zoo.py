@@ -43,13 +43,14 @@ class Family:
     layout: str  # what distinguishes its KV, for the compatibility table
     config: Callable[[], Any]  # a transformers config
     block_size: int = 32  # vLLM's CPU attention takes multiples of 32; its MLA kernel only 16
+    images: bool = False  # a vision-language model: IMAGE_TOKEN in its tokenizer, a processor beside it
 
 
 def _common(**extra: Any) -> dict[str, Any]:
-    return dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=INIT_STD,
-                bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra)
+    return {**dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                   max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=INIT_STD,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=2), **extra}
 
 
 def _qwen2() -> Any:
@@ -92,6 +93,30 @@ def _deepseek_v2() -> Any:
     return DeepseekV2Config(**config)
 
 
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_ID = VOCAB_SIZE  # the first token added to the bundled tokenizer
+IMAGE_SIZE, PATCH_SIZE = 56, 14  # an image is (56 / 14)^2 = 16 tokens
+# LLaVA-style chat: images where the message puts them, as the OpenAI API's content parts order them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] in ('image', "
+    "'image_url') %}" + IMAGE_TOKEN + "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _llava() -> Any:
+    from transformers import LlavaConfig
+
+    text = _common(model_type="llama", vocab_size=VOCAB_SIZE + 64, tie_word_embeddings=False)  # room for <image>
+    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
+                  initializer_range=INIT_STD)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN_ID,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+                       architectures=["LlavaForConditionalGeneration"])
+
+
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("qwen2", "Qwen2ForCausalLM", "full attention, q/k/v biases", _qwen2),
     Family("qwen3", "Qwen3ForCausalLM", "full attention, q/k norms", _qwen3),
@@ -99,6 +124,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("gemma3", "Gemma3ForCausalLM", f"hybrid: 3 sliding-window ({WINDOW}) layers, 1 full", _gemma3),
     Family("deepseek_v2", "DeepseekV2ForCausalLM", "MLA: one 576-wide latent per token and layer", _deepseek_v2,
            block_size=16),
+    Family("llava", "LlavaForConditionalGeneration", "full attention; images (CLIP encoder) in the prompt", _llava,
+           images=True),
 )}
 
 
@@ -118,21 +145,42 @@ def zoo_model_dir(name: str, cache_dir: Path | None = None) -> Path:
             return final_dir
         tmp_dir = cache_dir / f".{name}.tmp-{uuid.uuid4().hex}"
         try:
-            _build(config, tmp_dir)
+            _build(family, config, tmp_dir)
             tmp_dir.rename(final_dir)
+            for stale in cache_dir.glob(f"{name}-*"):  # built by an older zoo: never used again
+                if stale != final_dir:
+                    shutil.rmtree(stale, ignore_errors=True)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return final_dir
 
 
-def _build(config: Any, out_dir: Path) -> None:
+def _build(family: Family, config: Any, out_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family.images:
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.to(torch.bfloat16).save_pretrained(out_dir)  # half the bytes; float32 engines widen it exactly
     tokenizer_dir = bundled_model_dir()
-    for file_name in TOKENIZER_FILES:
-        if (tokenizer_dir / file_name).is_file():
-            shutil.copy(tokenizer_dir / file_name, out_dir / file_name)
+    if not family.images:
+        for file_name in TOKENIZER_FILES:
+            if (tokenizer_dir / file_name).is_file():
+                shutil.copy(tokenizer_dir / file_name, out_dir / file_name)
+        return
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != IMAGE_TOKEN_ID:
+        raise RuntimeError(f"{IMAGE_TOKEN} got another id than {IMAGE_TOKEN_ID} in the bundled tokenizer")
+    # The PIL image processor: transformers' default one needs torchvision, which this torch cannot take.
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
