@@ -3,7 +3,8 @@
     python vllm_runner.py JOB_JSON   ->  last stdout line: RESULT [{"output_ids": [...], "num_cached_tokens": N}, ...]
 
 JOB_JSON: {"extra_config": {...} or null (no kvshelf), "kv_role": "kv_both", "requests": [STEP, ...],
-"barrier_dir": "..."}, where STEP is
+"barrier_dir": "...", "zoo_family": a kvshelf.bench.zoo family instead of the bundled model,
+"llm_args": more keywords for vLLM's LLM, "env": more environment}, where STEP is
     {"prompt_token_ids": [...], "cache_salt": "..."}  one request, run alone; optional "max_tokens" and
                                                        "kv_transfer_params" (as a server's request would carry)
     {"batch": [request, ...]}                          requests run together (one result each)
@@ -34,14 +35,13 @@ def main(job: dict) -> list[dict]:
             "kv_role": job.get("kv_role", "kv_both"),
             "kv_connector_extra_config": job["extra_config"],
         }
-    llm = LLM(
-        model=str(bundled_model_dir()),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=2048,
-        enable_prefix_caching=False,
-        kv_transfer_config=transfer_config,
-    )
+    llm_args = {"model": str(bundled_model_dir()), "dtype": "float32", "enforce_eager": True, "max_model_len": 2048,
+                "enable_prefix_caching": False, **job.get("llm_args", {})}
+    if job.get("zoo_family"):
+        from kvshelf.bench.zoo import zoo_model_dir
+
+        llm_args["model"] = str(zoo_model_dir(job["zoo_family"]))
+    llm = LLM(**llm_args, kv_transfer_config=transfer_config)
     results = []
     for step in job["requests"]:  # in order: each step sees what the previous ones saved
         if "barrier" in step:
@@ -81,11 +81,12 @@ def wait_for(path: Path, timeout_s: float = 600.0) -> None:
 
 
 def start_engine(
-    extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None, kv_role: str = "kv_both"
+    extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None, kv_role: str = "kv_both",
+    **job_fields,
 ) -> subprocess.Popen:
-    """This script on a job, in a new process (for tests)."""
+    """This script on a job, in a new process (for tests); `job_fields`: zoo_family, llm_args, env."""
     job = json.dumps({"extra_config": extra_config, "requests": requests, "barrier_dir": str(barrier_dir),
-                      "kv_role": kv_role})
+                      "kv_role": kv_role, **job_fields})
     return subprocess.Popen([sys.executable, __file__, job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -96,10 +97,12 @@ def engine_results(engine: subprocess.Popen, timeout_s: float = 600) -> list[dic
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def run_engine(extra_config: dict | None, requests: list[dict]) -> list[dict]:
-    return engine_results(start_engine(extra_config, requests))
+def run_engine(extra_config: dict | None, requests: list[dict], **job_fields) -> list[dict]:
+    return engine_results(start_engine(extra_config, requests, **job_fields))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    job = json.loads(sys.argv[1])
+    os.environ.update(job.get("env", {}))
+    print("RESULT " + json.dumps(main(job)), flush=True)
