@@ -50,7 +50,7 @@ KV_DTYPES = {  # name in the table -> (vLLM dtype, kv_cache_dtype)
 class Cell:
     family: str
     kv_dtype: str
-    outcome: str = "not run"  # exact | WRONG | refused by vLLM | refused by kvshelf | error
+    outcome: str = "not run"  # pending (after the first phase), exact, WRONG, no hit, refused by vLLM or kvshelf, error
     detail: str = ""
     checks: dict[str, bool] = field(default_factory=dict)  # check -> greedy output identical
     hit_tokens: dict[str, int] = field(default_factory=dict)  # check -> prompt tokens kvshelf supplied
