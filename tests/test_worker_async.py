@@ -251,3 +251,16 @@ def test_a_lookup_answer_keeps_only_what_loads_faster_than_it_computes_and_prefe
         gate.set()
     finally:
         worker.close()
+
+
+def test_layers_go_into_chunks_in_model_order_whatever_order_vllm_registers_them(shelf, namespace):
+    # With its hybrid allocator vLLM registers layers group by group; a chunk must not depend on that.
+    names = [f"model.layers.{index}.self_attn.attn" for index in (1, 3, 10, 0, 2)]  # windowed group, then full
+    groups = {name: 0 if index < 3 else 1 for index, name in enumerate(names)}
+    facts = EngineFacts(namespace, BLOCK_SIZE, windows=(48, None), layer_groups=groups)
+    worker = WorkerSide(shelf, facts, tp_rank=0, cpu_isa=None)
+    worker.register({name: torch.full((NUM_BLOCKS, LAYOUT.num_kv_heads, BLOCK_SIZE, 2 * LAYOUT.head_dim),
+                                      float(name.split(".")[2])) for name in names})
+    assert [keys[0, 0, 0, 0].item() for keys, _ in worker.paged.layers] == [0, 1, 2, 3, 10]
+    assert worker.paged.groups == [1, 0, 1, 0, 0]
+    worker.close()

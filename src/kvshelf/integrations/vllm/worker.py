@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import logging
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -56,6 +57,11 @@ from kvshelf.threads import background_thread
 logger = logging.getLogger(__name__)
 HAND_OVER_POLL_S = 0.01  # how often a load waiting for handed-over KV looks again
 MAX_QUEUED_PREFETCHES = 8
+
+
+def model_order(layer_name: str) -> tuple[tuple[int, ...], str]:
+    """Sorts layer names as the model stacks them: by the numbers in them ("model.layers.12.self_attn.attn")."""
+    return tuple(int(number) for number in re.findall(r"\d+", layer_name)), layer_name
 
 
 class JobThread:
@@ -118,9 +124,13 @@ class WorkerSide:
         self._step_started_s = 0.0  # when this step's compute began: for the load-or-recompute estimate
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Layer caches in model order, as vLLM registers them."""
+        """vLLM's layer caches by layer name. A chunk holds them in model order: vLLM registers
+        them in KV cache group order, which changes with its hybrid allocator on or off (a chunk
+        stored one way would load into the wrong layers the other way)."""
+        names = sorted(kv_caches, key=model_order)
         # An fp8 cache is allocated as bytes: viewed as its float8 type.
-        caches = [cache.view(self._dtype) if cache.dtype == torch.uint8 else cache for cache in kv_caches.values()]
+        caches = [kv_caches[name].view(self._dtype) if kv_caches[name].dtype == torch.uint8 else kv_caches[name]
+                  for name in names]
         mla = self._kind == "mla"
         if self._cpu_isa is not None:
             _, num_kv_heads, block_size, _ = caches[0].shape
@@ -130,7 +140,7 @@ class WorkerSide:
                 check_cpu_layout(block_size, num_kv_heads, self._head_dim, caches[0].dtype, self._cpu_isa,
                                  DTYPES[self._compute_dtype])
         self.paged = PagedKV([block_views(cache, self._head_dim, self._cpu_isa is not None, mla) for cache in caches],
-                             [self._layer_groups.get(name, 0) for name in kv_caches])
+                             [self._layer_groups.get(name, 0) for name in names])
         if self.paged.block_size != self.block_size:
             raise ValueError(
                 f"vLLM's KV cache has blocks of {self.paged.block_size} tokens, expected {self.block_size}"
