@@ -96,3 +96,20 @@ def test_a_codec_that_cannot_store_mla_is_refused_at_start(make_shelf, codec):
     with pytest.raises(ConfigError, match=f"disk.codec {codec} cannot store this model's mla KV.*set disk.codec to "
                                           "auto or one of fp8, int8, int8-channel, raw"):
         shelf.check_layout(KVLayout(2, 1, 576, kind="mla"))
+
+
+def test_windowed_chunks_frame_packed_and_unframe_whole(make_shelf):
+    namespace = Namespace("gemma-like@1", KVLayout(3, 2, 8, windowed_layers=(0, 1), window_tokens=3))
+    shelf = make_shelf(disk_codec="int8", memory_size="1KiB")  # loads read the disk
+    shelf.check_layout(namespace.layout)
+    kv = torch.randn(namespace.layout.shape(2 * CHUNK_SIZE))
+    shelf.save(list(range(2 * CHUNK_SIZE)), kv, namespace)
+    shelf.flush()
+    loaded = shelf.load(list(range(2 * CHUNK_SIZE)), namespace, 2 * CHUNK_SIZE).kv()
+    for start in (0, CHUNK_SIZE):
+        want, got = kv[:, :, start : start + CHUNK_SIZE], loaded[:, :, start : start + CHUNK_SIZE]
+        bound = CODECS["int8"].error_bound(want)
+        assert ((got[2] - want[2]).abs() <= bound[2]).all()  # the full-attention layer: every token
+        assert ((got[:2, :, -3:] - want[:2, :, -3:]).abs() <= bound[:2, :, -3:]).all() and not got[:2, :, :-3].any()
+    with pytest.raises(ConfigError, match="disk.codec cachegen cannot store"):
+        make_shelf(disk_codec="cachegen").check_layout(namespace.layout)

@@ -2,6 +2,8 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -107,3 +109,27 @@ def test_a_kv_layout_is_named_as_before_layouts_had_kinds():
     mla = dataclasses.replace(BASE, layout=KVLayout(30, 1, 576, kind="mla"))
     assert mla.describe()["layout"]["kind"] == "mla" and Namespace.from_description(mla.describe()) == mla
     assert mla.layout.shape(5) == (30, 1, 5, 1, 576) and mla.layout.bytes_per_token == 30 * 576 * 4
+
+
+def test_windowed_layers_are_stored_with_the_window_only():
+    layout = KVLayout(4, 2, 8, windowed_layers=(0, 2), window_tokens=3)
+    chunk = torch.randn(layout.shape(5))
+    stored = layout.pack(chunk)
+    assert tuple(stored.shape) == layout.stored_shape(5) == (2 * 5 + 2 * 3, 2, 1, 2, 8)
+    assert layout.stored_tokens(tuple(stored.shape)) == 5 and layout.stored_bytes(5) == stored.numel() * 4
+    back = layout.unpack(stored, 5)
+    for layer in (1, 3):
+        assert torch.equal(back[layer], chunk[layer])
+    for layer in (0, 2):  # only the last 3 tokens: the window of the token after the chunk
+        assert torch.equal(back[layer, :, 2:], chunk[layer, :, 2:]) and not back[layer, :, :2].any()
+    short = torch.randn(layout.shape(2))  # a tail shorter than the window keeps everything
+    assert torch.equal(layout.unpack(layout.pack(short), 2), short)
+    assert layout.stored_tokens((17, 2, 1, 2, 8)) is None
+    with pytest.raises(ValueError, match="windowed_layers"):
+        KVLayout(4, 2, 8, windowed_layers=(4,), window_tokens=3)
+
+
+def test_a_windowed_layout_is_its_own_namespace():
+    windowed = dataclasses.replace(BASE, layout=dataclasses.replace(BASE.layout, windowed_layers=(0, 1),
+                                                                    window_tokens=48))
+    assert windowed.digest != BASE.digest and Namespace.from_description(windowed.describe()) == windowed

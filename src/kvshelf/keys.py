@@ -52,7 +52,9 @@ class Namespace:
     def from_description(cls, description: dict) -> "Namespace":
         """The inverse of `describe`."""
         fields = dict(description)
-        fields["layout"] = KVLayout(**fields["layout"])
+        layout = dict(fields["layout"])
+        layout["windowed_layers"] = tuple(layout.get("windowed_layers", ()))  # a JSON list
+        fields["layout"] = KVLayout(**layout)
         fields["extra"] = tuple(sorted(fields["extra"].items()))
         return cls(**fields)
 
@@ -61,8 +63,10 @@ class Namespace:
         It holds the tenant's salt: stores get `public_description` instead."""
         description = asdict(self)
         description["extra"] = dict(sorted(self.extra))
-        if self.layout.kind == "kv":  # as before layouts had kinds: their chunk keys stay the same
-            del description["layout"]["kind"]
+        # Described as before layouts had kinds and windows: their chunk keys stay the same.
+        for name, default in (("kind", "kv"), ("windowed_layers", ()), ("window_tokens", 0)):
+            if description["layout"][name] == default:
+                del description["layout"][name]
         return description
 
     def public_description(self, keyring: Keyring) -> dict:

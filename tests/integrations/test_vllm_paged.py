@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvshelf.integrations.vllm.context import kv_cache_groups
+from kvshelf import KVLayout, Namespace
+from kvshelf.codecs import CODECS
+from kvshelf.integrations.vllm.context import EngineFacts, kv_cache_groups, with_window_storage
 from kvshelf.integrations.vllm.paged import (
     NULL_BLOCK_ID,
     PagedKV,
@@ -147,6 +149,16 @@ def test_kv_cache_groups_give_each_layer_its_group_and_window():
     windows, layer_groups, block_size = kv_cache_groups(config)
     assert windows == (48, None) and block_size == 32
     assert layer_groups == {"layers.0.attn": 0, "layers.2.attn": 0, "layers.1.attn": 1, "layers.3.attn": 1}
+
+
+def test_windowed_layers_store_only_the_window_where_it_is_shorter_than_a_chunk():
+    namespace = Namespace("m", KVLayout(4, 2, 32))
+    groups = {"layers.3.attn": 1, "layers.0.attn": 0, "layers.2.attn": 0, "layers.1.attn": 1}
+    facts = EngineFacts(namespace, 32, windows=(48, None), layer_groups=groups)
+    layout = with_window_storage(facts, 64, [CODECS["raw"], CODECS["fp8"]]).base_namespace.layout
+    assert layout.windowed_layers == (0, 2) and layout.window_tokens == 48  # in model order
+    assert with_window_storage(facts, 32, []) is facts  # a window as long as a chunk: all of it is needed
+    assert with_window_storage(facts, 64, [CODECS["cachegen"]]) is facts  # a codec that cannot take rows
 
 
 def test_state_kvshelf_cannot_store_is_refused_with_what_it_is():

@@ -56,6 +56,9 @@ def test_hits_are_exact_for_every_family(family, kv_dtype, matrix):
     assert hits["memory hit"] == hits["disk hit, new process"] == 192  # 3 chunks
     assert hits["partial hit"] == 128 and hits["long hit"] == 448  # 7 chunks, far past the window of 48
     assert hits["chunked prefill hit"] == 384  # each step saved what it completed
+    # Windowed layers (window 48) store the last 48 of each 64-token chunk: the rest is never loaded.
+    stored = {"gemma3": (1 * 64 + 3 * 48) / (4 * 64), "mistral": 48 / 64}.get(family, 1)
+    assert cell["stored_bytes_per_token"] == cell["kv_bytes_per_token"] * stored
     if FAMILIES[family].images:
         assert hits["other image"] == 64  # the chunk before the image, not the image's own
     assert matrix[1].count("| exact |") == len(CELLS) - (not HAS_TORCHVISION)

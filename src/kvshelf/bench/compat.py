@@ -54,7 +54,8 @@ class Cell:
     detail: str = ""
     checks: dict[str, bool] = field(default_factory=dict)  # check -> greedy output identical
     hit_tokens: dict[str, int] = field(default_factory=dict)  # check -> prompt tokens kvshelf supplied
-    kv_bytes_per_token: int = 0  # one token's stored KV, every layer
+    kv_bytes_per_token: int = 0  # one token's KV, every layer
+    stored_bytes_per_token: int = 0  # ... as stored (sliding-window layers keep only their window)
     seconds: float = 0.0
 
 
@@ -144,7 +145,9 @@ def _run_phase(cell: Cell, expected: dict, phase: str, work_dir: Path, redis_url
                 output, cached = _generate(llm, test_prompts[prompt_name])
                 cell.checks[check] = output == expected[prompt_name]
                 cell.hit_tokens[check] = cached
-            cell.kv_bytes_per_token = _kv_layout().bytes_per_token
+            layout = _kv_layout()
+            cell.kv_bytes_per_token = layout.bytes_per_token
+            cell.stored_bytes_per_token = layout.stored_bytes(CHUNK_SIZE) // CHUNK_SIZE
     if phase == "first":
         cell.outcome = "pending"
         return
@@ -255,15 +258,17 @@ def _cell_env() -> dict[str, str]:
 
 def markdown_table(cells: list[dict]) -> str:
     """The README's compatibility table."""
-    rows = ["| family | KV layout | KV dtype | result | KV bytes/token | checks | why |",
+    rows = ["| family | KV layout | KV dtype | result | KV bytes/token stored (of) | checks | why |",
             "|---|---|---|---|---|---|---|"]
     for cell in cells:
         family = FAMILIES[cell["family"]]
         passed = sum(cell["checks"].values())
         checks = f"{passed}/{len(cell['checks'])}" if cell["checks"] else ""
         detail = cell["detail"].replace("|", "/")
+        stored, full = cell.get("stored_bytes_per_token", 0), cell["kv_bytes_per_token"]
+        size = "" if not full else f"{stored} ({full})" if stored != full else str(full)
         rows.append(f"| {family.name} ({family.architecture}) | {family.layout} | {cell['kv_dtype']} | "
-                    f"{cell['outcome']} | {cell['kv_bytes_per_token'] or ''} | {checks} | {detail} |")
+                    f"{cell['outcome']} | {size} | {checks} | {detail} |")
     return "\n".join(rows) + "\n"
 
 

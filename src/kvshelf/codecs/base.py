@@ -23,9 +23,11 @@ class Codec(ABC):
     # True: `decode` returns a view of the payload itself, needing no memory of its own: unframe gives it no `out`.
     shares_payload: bool = False
     planes: tuple[int, ...] = (2,)  # the layouts it takes, by planes per layer: 2 keys and values, 1 MLA
+    # Codes each (layer, token) row on its own: it takes the packed rows of windowed layouts too.
+    row_wise: bool = False
 
     def takes(self, layout: KVLayout) -> bool:
-        return layout.planes in self.planes
+        return layout.planes in self.planes and (self.row_wise or not layout.windowed_layers)
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> bytes | memoryview:

@@ -50,12 +50,18 @@ class Expected:
     layout: KVLayout
     num_tokens: int | None
 
-    def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        tokens = shape[2]
-        tokens_ok = tokens == self.num_tokens if self.num_tokens is not None else 0 < tokens <= MAX_UNKNOWN_CHUNK_TOKENS
-        if not tokens_ok or shape != self.layout.shape(tokens) or dtype != self.layout.torch_dtype:
-            want = self.layout.shape(self.num_tokens) if self.num_tokens is not None else self.layout
+    def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """The chunk's token count, if a stored chunk of `shape` and `dtype` is one (see
+        KVLayout.stored_shape); else CorruptChunk."""
+        tokens = self.layout.stored_tokens(shape)
+        if tokens is not None and self.num_tokens is not None and self.layout.windowed_layers:
+            tokens = self.num_tokens if shape == self.layout.stored_shape(self.num_tokens) else None
+        tokens_ok = tokens is not None and (tokens == self.num_tokens if self.num_tokens is not None
+                                            else 0 < tokens <= MAX_UNKNOWN_CHUNK_TOKENS)
+        if not tokens_ok or dtype != self.layout.torch_dtype:
+            want = self.layout.stored_shape(self.num_tokens) if self.num_tokens is not None else self.layout
             raise CorruptChunk(f"chunk is {shape} of {dtype}; this namespace stores {want} of {self.layout.dtype}")
+        return tokens
 
 
 class ChunkMemory(Protocol):
@@ -67,11 +73,15 @@ class ChunkMemory(Protocol):
 
 
 def frame_parts(
-    kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring, encrypt: bool = False
+    kv: torch.Tensor, key_digest: bytes, codec: Codec, keyring: Keyring, encrypt: bool = False,
+    layout: KVLayout | None = None,
 ) -> list[bytes | memoryview]:
-    """The stored object for chunk `kv` (layers, 2, tokens, kv_heads, head_dim) under `key_digest`,
-    as [header, payload]: tiers write one after the other, so the payload (for `raw`, the tensor's
-    own memory) is never copied to join them. `encrypt` seals the payload (keyring.encrypt_at_rest)."""
+    """The stored object for chunk `kv` (layers, planes, tokens, kv_heads, head_dim) of `layout`
+    under `key_digest`, as [header, payload]: tiers write one after the other, so the payload (for
+    `raw`, the tensor's own memory) is never copied to join them. `encrypt` seals the payload
+    (keyring.encrypt_at_rest). A layout with windowed layers stores them packed (`KVLayout.pack`)."""
+    if layout is not None:
+        kv = layout.pack(kv)
     payload = codec.encode(kv)
     flags = ENCRYPTED if encrypt else 0
     dtype_code = _DTYPE_CODES[DTYPE_NAMES[kv.dtype]]
@@ -140,14 +150,19 @@ def unframe(
     if dtype_code not in _DTYPE_BY_CODE:
         raise CorruptChunk(f"dtype code {dtype_code} is unknown")
     dtype = _DTYPE_BY_CODE[dtype_code]
-    expected.check(shape, dtype)
+    num_tokens = expected.check(shape, dtype)
     codec = codecs[codec_id]
     out = memory.allocate(shape, dtype) if memory is not None and not codec.shares_payload else None
     try:
-        return codec.decode(payload, shape, dtype, out)
+        stored = codec.decode(payload, shape, dtype, out)
     except (CorruptChunk, ValueError, RuntimeError, TypeError, OverflowError, MemoryError, IndexError) as exc:
         if out is not None:
             memory.release(out)
         if isinstance(exc, CorruptChunk):
             raise
         raise CorruptChunk(f"{codec.name} payload does not decode to {shape}: {exc}") from exc
+    layout = expected.layout
+    if not layout.windowed_layers:
+        return stored
+    chunk = memory.allocate(layout.shape(num_tokens), dtype) if memory is not None else None
+    return layout.unpack(stored, num_tokens, chunk)

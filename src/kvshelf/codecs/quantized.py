@@ -63,6 +63,7 @@ class Int8Codec(Codec):
     def __init__(self, per_channel: bool = False) -> None:
         self.name = "int8-channel" if per_channel else "int8"
         self.variant = self._PER_CHANNEL if per_channel else self._PER_TOKEN
+        self.row_wise = not per_channel
 
     @staticmethod
     def _reduced_dims(variant: int) -> tuple[int, ...]:
@@ -101,6 +102,7 @@ class Fp8Codec(Codec):
     name = "fp8"
     id = 3
     planes = (1, 2)
+    row_wise = True
     lossless = False
     expected_ratio = 8.5 / 32
 

@@ -11,6 +11,7 @@ class RawCodec(Codec):
     name = "raw"
     id = 1
     planes = (1, 2)
+    row_wise = True
     # A load reads the stored object into the memory tier's arena: the chunk is a view of its payload there.
     shares_payload = True
 

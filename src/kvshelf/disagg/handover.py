@@ -39,7 +39,7 @@ class HandOver:
     def _push(self, prompt: Prompt, chunks: Sequence[torch.Tensor], push_to: str) -> bool:
         try:
             keys = self._shelf.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
-            return self._pusher.push(push_to, keys, chunks.__getitem__)
+            return self._pusher.push(push_to, keys, chunks.__getitem__, prompt.namespace.layout)
         except Exception as exc:  # noqa: BLE001 - the pusher contains its own failures; this is for the rest
             self._log.warning("push", "kvshelf: pushing KV to %s failed (%s: %s); handing it over through the "
                               "shared tiers", push_to, type(exc).__name__, exc)

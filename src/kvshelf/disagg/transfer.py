@@ -42,6 +42,7 @@ from kvshelf.codecs import CODECS, frame_parts
 from kvshelf.codecs.framing import HEADER_BYTES, verify
 from kvshelf.errors import CorruptChunk, ForeignChunk
 from kvshelf.keys import ChunkKey
+from kvshelf.layout import KVLayout
 from kvshelf.ports import QuietLog, secure_client, secure_server, zmq_context
 from kvshelf.security import Keyring
 from kvshelf.threads import background_thread
@@ -192,8 +193,10 @@ class KVPusher:
         self._down_until_s: dict[str, float] = {}  # destinations backing off after a failure
         self._seq = 0
 
-    def push(self, address: str, keys: Sequence[ChunkKey], chunk_at: Callable[[int], torch.Tensor]) -> bool:
-        """Send the chunks of `keys` that `address` lacks; `chunk_at(i)` makes the i-th. True if all arrived."""
+    def push(self, address: str, keys: Sequence[ChunkKey], chunk_at: Callable[[int], torch.Tensor],
+             layout: KVLayout | None = None) -> bool:
+        """Send the chunks of `keys` (of `layout`) that `address` lacks; `chunk_at(i)` makes the
+        i-th. True if all arrived."""
         if time.monotonic() < self._down_until_s.get(address, 0.0):
             self.counters.push_failures += 1  # it failed moments ago: do not hold up another step for it
             return False
@@ -208,7 +211,7 @@ class KVPusher:
             batch: list[tuple[ChunkKey, list]] = []
             batch_bytes = 0
             for index in needed:
-                parts = frame_parts(chunk_at(index), keys[index].digest, CODECS["raw"], self._keyring)
+                parts = frame_parts(chunk_at(index), keys[index].digest, CODECS["raw"], self._keyring, layout=layout)
                 chunk_bytes = sum(memoryview(part).nbytes for part in parts)
                 # A message holds up to PUT_BATCH_BYTES, or one chunk alone larger than that.
                 if batch and batch_bytes + chunk_bytes > PUT_BATCH_BYTES:

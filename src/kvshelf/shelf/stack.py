@@ -193,7 +193,8 @@ class TierStack:
         group_bytes = 0
         for index, (key, chunk) in enumerate(new_items):
             codec = slot.codecs.choose(chunk.nbytes, namespace.layout)
-            parts = frame_parts(chunk, key.digest, codec, self._keyring, self._keyring.encrypt_at_rest)
+            parts = frame_parts(chunk, key.digest, codec, self._keyring, self._keyring.encrypt_at_rest,
+                                namespace.layout)
             slot.codecs.note_encoded(codec, chunk.nbytes, parts_bytes(parts))
             group.append((key, parts))
             group_bytes += parts_bytes(parts)

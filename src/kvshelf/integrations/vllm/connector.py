@@ -29,8 +29,9 @@ from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvshelf.codecs import CODECS
 from kvshelf.config import connector_config
-from kvshelf.integrations.vllm.context import EngineFacts, engine_facts
+from kvshelf.integrations.vllm.context import EngineFacts, engine_facts, with_window_storage
 from kvshelf.integrations.vllm.events import KVShelfKVEvents, SchedulerEvents, worker_events
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
 from kvshelf.integrations.vllm.plan import StepPlan
@@ -40,6 +41,7 @@ from kvshelf.integrations.vllm.worker import WorkerSide
 from kvshelf.layout import KVLayout
 from kvshelf.security import Keyring
 from kvshelf.shelf import Shelf
+from kvshelf.shelf.codec_choice import AUTO
 
 logger = logging.getLogger(__name__)
 LOOKUP_TIMEOUT_S = 5.0
@@ -86,7 +88,10 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
         refuse_unloadable_attention(vllm_config)
         extra_config = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         config = connector_config(extra_config)
-        facts = engine_facts(vllm_config, kv_cache_config, extra_config)
+        # Sliding-window layers stored with their window only, where the tiers' codecs can take that.
+        fixed_codecs = [CODECS[tier.codec] for tier in (config.disk, config.redis) if tier and tier.codec != AUTO]
+        facts = with_window_storage(engine_facts(vllm_config, kv_cache_config, extra_config), config.chunk_size,
+                                    fixed_codecs)
         self._base_namespace = facts.base_namespace  # a reset drops this model's KV from a shared Redis too
         if config.chunk_size % facts.block_size:
             raise ValueError(

@@ -2,9 +2,11 @@
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvshelf.codecs import Codec
 from kvshelf.config import MODEL_ID_KEY
 from kvshelf.fingerprint import FingerprintCache, is_local_model, model_identity
 from kvshelf.keys import Namespace
@@ -56,6 +58,26 @@ def kv_cache_groups(kv_cache_config: Any) -> tuple[tuple[int | None, ...], dict[
         raise ValueError(f"kvshelf needs one block size in every KV cache group; this model's groups use "
                          f"{sorted(block_sizes)}")
     return tuple(windows), layer_groups, block_sizes.pop()
+
+
+def model_order(layer_name: str) -> tuple[tuple[int, ...], str]:
+    """Sorts layer names as the model stacks them: by the numbers in them ("model.layers.12.self_attn.attn")."""
+    return tuple(int(number) for number in re.findall(r"\d+", layer_name)), layer_name
+
+
+def with_window_storage(facts: EngineFacts, chunk_size: int, codecs: list[Codec]) -> EngineFacts:
+    """`facts` whose layout stores sliding-window layers with only each chunk's last W tokens,
+    where the windows (W) are shorter than a chunk and every tier's codec takes such rows
+    (`codecs`: the tiers' fixed codecs; `auto` skips those that do not). A hit ends at a chunk's
+    end, and the window of the token after it reaches back W - 1 tokens: the rest of a chunk's
+    windowed layers is never loaded into vLLM's blocks (it allocates them the null block)."""
+    windows = [window for window in facts.windows if window is not None]
+    if not windows or max(windows) >= chunk_size or not all(codec.row_wise for codec in codecs):
+        return facts
+    names = sorted(facts.layer_groups, key=model_order)
+    windowed = tuple(index for index, name in enumerate(names) if facts.windows[facts.layer_groups[name]] is not None)
+    layout = dataclasses.replace(facts.base_namespace.layout, windowed_layers=windowed, window_tokens=max(windows))
+    return dataclasses.replace(facts, base_namespace=dataclasses.replace(facts.base_namespace, layout=layout))
 
 
 def engine_facts(vllm_config: Any, kv_cache_config: Any, extra_config: dict[str, Any]) -> EngineFacts:

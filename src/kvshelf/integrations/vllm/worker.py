@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import logging
 import queue
-import re
 import threading
 import time
 from collections import Counter
@@ -37,7 +36,7 @@ import torch
 
 from kvshelf.disagg.handover import HandOver
 from kvshelf.disagg.transfer import TransferCounters
-from kvshelf.integrations.vllm.context import EngineFacts
+from kvshelf.integrations.vllm.context import EngineFacts, model_order
 from kvshelf.integrations.vllm.paged import (
     NULL_BLOCK_ID,
     PagedKV,
@@ -57,11 +56,6 @@ from kvshelf.threads import background_thread
 logger = logging.getLogger(__name__)
 HAND_OVER_POLL_S = 0.01  # how often a load waiting for handed-over KV looks again
 MAX_QUEUED_PREFETCHES = 8
-
-
-def model_order(layer_name: str) -> tuple[tuple[int, ...], str]:
-    """Sorts layer names as the model stacks them: by the numbers in them ("model.layers.12.self_attn.attn")."""
-    return tuple(int(number) for number in re.findall(r"\d+", layer_name)), layer_name
 
 
 class JobThread:
