@@ -106,6 +106,19 @@ LOSSY = [name for name, codec in CODECS.items() if not codec.lossless]
 CAST_EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
+@pytest.mark.parametrize("name", sorted(CODECS))
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_codec_stores_fp8_kv_caches(name, dtype):
+    codec = get_codec(name)
+    kv = torch.randn(2, 2, 33, 3, 64).to(dtype)  # as vLLM's fp8 cache holds it
+    decoded = unframe_as(frame(kv, KEY, codec), kv)
+    assert decoded.dtype == dtype and decoded.shape == kv.shape
+    bound = codec.error_bound(kv)
+    cast_eps = {torch.float8_e4m3fn: 2.0**-3, torch.float8_e5m2: 2.0**-2}[dtype]  # rounding back to fp8
+    error = (decoded.float() - kv.float()).abs()
+    assert (error <= bound + (kv.float().abs() + bound) * cast_eps + 2.0**-9).all()
+
+
 @pytest.mark.parametrize("name", LOSSY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 3, 33, 128])
