@@ -93,6 +93,15 @@ def _deepseek_v2() -> Any:
     return DeepseekV2Config(**config)
 
 
+def _bamba() -> Any:
+    from transformers import BambaConfig
+
+    # Three Mamba2 (SSM state) layers and one attention layer: a hybrid SSM model.
+    return BambaConfig(**_common(architectures=["BambaForCausalLM"], attn_layer_indices=[LAYERS - 1],
+                                 mamba_n_heads=8, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1,
+                                 mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=64))
+
+
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = VOCAB_SIZE  # the first token added to the bundled tokenizer
 IMAGE_SIZE, PATCH_SIZE = 56, 14  # an image is (56 / 14)^2 = 16 tokens
@@ -124,6 +133,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("gemma3", "Gemma3ForCausalLM", f"hybrid: 3 sliding-window ({WINDOW}) layers, 1 full", _gemma3),
     Family("deepseek_v2", "DeepseekV2ForCausalLM", "MLA: one 576-wide latent per token and layer", _deepseek_v2,
            block_size=16),
+    Family("bamba", "BambaForCausalLM", "hybrid SSM: 3 Mamba2 layers (state, no KV), 1 attention", _bamba),
     Family("llava", "LlavaForConditionalGeneration", "full attention; images (CLIP encoder) in the prompt", _llava,
            images=True),
 )}
