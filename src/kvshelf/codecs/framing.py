@@ -53,12 +53,12 @@ class Expected:
     def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """The chunk's token count, if a stored chunk of `shape` and `dtype` is one (see
         KVLayout.stored_shape); else CorruptChunk."""
-        tokens = self.layout.stored_tokens(shape)
-        if tokens is not None and self.num_tokens is not None and self.layout.windowed_layers:
+        if self.num_tokens is not None:
             tokens = self.num_tokens if shape == self.layout.stored_shape(self.num_tokens) else None
-        tokens_ok = tokens is not None and (tokens == self.num_tokens if self.num_tokens is not None
-                                            else 0 < tokens <= MAX_UNKNOWN_CHUNK_TOKENS)
-        if not tokens_ok or dtype != self.layout.torch_dtype:
+        else:
+            tokens = self.layout.stored_tokens(shape)
+            tokens = tokens if tokens is not None and 0 < tokens <= MAX_UNKNOWN_CHUNK_TOKENS else None
+        if tokens is None or dtype != self.layout.torch_dtype:
             want = self.layout.stored_shape(self.num_tokens) if self.num_tokens is not None else self.layout
             raise CorruptChunk(f"chunk is {shape} of {dtype}; this namespace stores {want} of {self.layout.dtype}")
         return tokens
