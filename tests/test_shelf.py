@@ -158,5 +158,6 @@ def test_stats_and_prometheus_agree(make_shelf, namespace):
     exposition = generate_latest(shelf.metrics.registry).decode()
     assert 'kvshelf_lookup_tokens_total{result="hit"} 16.0' in exposition
     assert 'kvshelf_lookup_tokens_total{result="miss"} 2.0' in exposition
-    assert "kvshelf_load_seconds_count 1.0" in exposition
+    assert "kvshelf_prompt_load_seconds_count 1.0" in exposition
+    assert 'kvshelf_load_seconds_count{tier="memory"} 1.0' in exposition
     assert shelf.stats()["hit_tokens"] == 16

@@ -7,7 +7,7 @@ Later sources win: defaults < file < environment < keywords. Keys are dotted pat
     chunk_size: 256                  # tokens per chunk, 1..1048576
     writer_queue_size: 64
     tier_backoff_s: 5                # seconds a failed tier rests, 0..86400
-    memory: {size: 2GiB}
+    memory: {size: 2GiB, pin_size: 512MiB}   # pinned prefixes: at most pin_size (default size / 4)
     disk: {path: ~/.cache/kvshelf/disk, size: 20GiB, codec: raw,     # omit for no disk tier
            mode: private}           # or group: a directory shared by a unix group (0770)
     redis: {url: "redis://host:6379/0", password: secret, ttl_s: 86400}   # omit for no redis tier
@@ -17,6 +17,10 @@ Later sources win: defaults < file < environment < keywords. Keys are dotted pat
                prefetch: true,       # promote a lookup's lower-tier hits to memory at once
                load_or_recompute: true}   # claim only the prefix that loads faster than it computes
     admission: {min_tokens: 0, min_sightings: 1}   # store prompts this long, from their Nth sighting
+    metrics: {trace: false,          # each request's kvshelf story as a JSON line (logger kvshelf.trace)
+              otlp_endpoint: "http://collector:4318/v1/traces",  # and as OpenTelemetry spans
+              max_tenants: 32}       # per-tenant series; later tenants are counted as "other"
+    admin: {address: "127.0.0.1:8101", key: <KVSHELF_ADMIN_KEY>}  # the admin API, /metrics, /dashboard
     security:
       key_file: /etc/kvshelf/secret.key   # or key: <32+ random characters> (KVSHELF_SECURITY_KEY),
                                           # or key: none (no authentication); default
@@ -71,6 +75,11 @@ Parser = Callable[[str, Any], Any]
 @dataclass(frozen=True)
 class MemoryConfig:
     size_bytes: int = 2 * 2**30
+    pin_bytes: int | None = None  # what pinned prefixes may hold (never evicted); None: a quarter of size_bytes
+
+    @property
+    def pin_budget_bytes(self) -> int:
+        return self.size_bytes // 4 if self.pin_bytes is None else self.pin_bytes
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,25 @@ class TransferConfig:
     mode: str = "async"
     prefetch: bool = True  # on a lookup hit in a lower tier, promote those chunks to memory at once
     load_or_recompute: bool = True  # claim only the prefix that loads faster than vLLM computes it
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What the shelf tells operators beyond its counters (kvshelf.metrics, kvshelf.trace)."""
+
+    trace: bool = False  # each request's story as one JSON line on the kvshelf.trace logger
+    otlp_endpoint: str | None = None  # and as OpenTelemetry spans to this OTLP/HTTP collector
+    max_tenants: int = 32  # tenants with labels of their own; later ones are counted as "other"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin API (kvshelf.admin) a vLLM worker serves: stats, namespaces, clear, pin, warm,
+    inspect, /metrics and /dashboard. Off unless `address` is set."""
+
+    address: str | None = None  # host:port; tensor-parallel rank r listens on port + r
+    key: str | None = field(default=None, repr=False)  # required with an address; never printed
+    engine_url: str | None = None  # the engine's OpenAI server, for warming a prefix by computing it
 
 
 @dataclass(frozen=True)
@@ -191,6 +219,8 @@ class ShelfConfig:
     security: SecurityConfig = field(default_factory=_default_security)
     transfer: TransferConfig = TransferConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    admin: AdminConfig = AdminConfig()
 
 
 def load_config(
@@ -280,8 +310,13 @@ def _known(values: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _build(values: dict[str, Any], home: Path) -> ShelfConfig:
     parsed = {key: KEYS[key](key, value) for key, value in values.items() if value is not None}
-    memory = MemoryConfig(**({"size_bytes": parsed["memory.size"]} if "memory.size" in parsed else {}))
+    memory_names = {"size": "size_bytes", "pin_size": "pin_bytes"}
+    memory = MemoryConfig(**{name: parsed[f"memory.{key}"] for key, name in memory_names.items()
+                             if f"memory.{key}" in parsed})
     _check_fits_ram(memory.size_bytes)
+    if memory.pin_budget_bytes > memory.size_bytes:
+        raise ConfigError(f"memory.pin_size ({memory.pin_budget_bytes} bytes) must not exceed memory.size "
+                          f"({memory.size_bytes} bytes): pinned chunks live in the memory tier")
     for section in ("disk", "redis"):
         if f"{section}.codec_budget_ms" in parsed and parsed.get(f"{section}.codec") != "auto":
             raise ConfigError(f"{section}.codec_budget_ms only applies to {section}.codec: auto; set both or neither")
@@ -292,10 +327,15 @@ def _build(values: dict[str, Any], home: Path) -> ShelfConfig:
     top = {key: parsed[key] for key in top_keys if key in parsed}
     transfer = TransferConfig(**_section(parsed, "transfer"))
     admission = AdmissionConfig(**_section(parsed, "admission"))
+    metrics = MetricsConfig(**_section(parsed, "metrics"))
+    admin = AdminConfig(**_section(parsed, "admin"))
+    if admin.address is not None and admin.key is None:
+        raise ConfigError("admin.address needs admin.key (or KVSHELF_ADMIN_KEY): the admin API clears and pins "
+                          "the cache, so it never runs open; choose a long random key")
     redis, security = _redis(parsed), _security(parsed, home)
     disk = _disk(parsed)  # last: it creates disk.path, which a refused config should not leave behind
     return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, security=security, transfer=transfer,
-                       admission=admission, **top)
+                       admission=admission, metrics=metrics, admin=admin, **top)
 
 
 def _section(parsed: dict[str, Any], section: str) -> dict[str, Any]:
@@ -508,6 +548,20 @@ def _zmq_address(key: str, value: Any) -> str:
     return text
 
 
+def _host_port(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[^\s:/]+:\d{1,5}", text) or not 0 < int(text.rpartition(":")[2]) < 65536:
+        raise ConfigError(f"{key} must be host:port (e.g. 127.0.0.1:8101), got {value!r}")
+    return text
+
+
+def _http_url(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"https?://\S+", text):
+        raise ConfigError(f"{key} must be an http:// or https:// URL, got {value!r}")
+    return text
+
+
 def _transfer_mode(key: str, value: Any) -> str:
     if value not in TRANSFER_MODES:
         raise ConfigError(f"{key} must be one of {', '.join(TRANSFER_MODES)}, got {value!r}")
@@ -577,6 +631,7 @@ KEYS: dict[str, Parser] = {
     "writer_queue_size": _whole_number("chunks", 1, 1_000_000),
     "tier_backoff_s": _number("seconds", 0, 86400),
     "memory.size": _size,
+    "memory.pin_size": _size,
     "disk.path": _path,
     "disk.size": _size,
     "disk.codec": _codec,
@@ -609,5 +664,11 @@ KEYS: dict[str, Parser] = {
     "transfer.load_or_recompute": _boolean,
     "admission.min_tokens": _whole_number("tokens", 0, 1 << 30),
     "admission.min_sightings": _whole_number("sightings", 1, 1000),
+    "metrics.trace": _boolean,
+    "metrics.otlp_endpoint": _http_url,
+    "metrics.max_tenants": _whole_number("tenants", 1, 10_000),
+    "admin.address": _host_port,
+    "admin.key": _secret_text,
+    "admin.engine_url": _http_url,
 }
 _REDIS_FIELDS = [key.removeprefix("redis.") for key in KEYS if key.startswith("redis.") and key != "redis.url"]

@@ -7,6 +7,7 @@ Engines see only this class. KV crosses it in the canonical shape
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,14 @@ from kvshelf.shelf.admission import Admission
 from kvshelf.shelf.codec_choice import CodecChoice
 from kvshelf.shelf.cost import LoadCostModel
 from kvshelf.shelf.events import ChunkEvents
-from kvshelf.shelf.stack import LowerTier, TierStack
+from kvshelf.shelf.misses import ChunkHistory
+from kvshelf.shelf.stack import LowerTier, Prefix, TierStack
 from kvshelf.shelf.writer import BackgroundWriter
 from kvshelf.tiers.disk import DiskTier
 from kvshelf.tiers.inbox import InboxTier
 from kvshelf.tiers.memory import MemoryTier
 from kvshelf.tiers.redis import RedisTier
+from kvshelf.trace import Phase, Tracer, now_ns
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +84,14 @@ class Shelf:
         if self.config.redis is not None:
             lower.append(self._connect_redis(self.config.redis))
         counters = ShelfCounters()
-        self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, counters, self.config.tier_backoff_s,
-                                self.keyring)
-        self.metrics = ShelfMetrics(counters, self._stack.tiers)
-        self.events = ChunkEvents(self._stack.tiers)  # what the tiers store and drop, for KV cache events
+        self.metrics = ShelfMetrics(counters, self.config.metrics.max_tenants)
+        history = ChunkHistory(self.config.redis.ttl_s if self.config.redis is not None else None)
+        self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, self.metrics,
+                                self.config.tier_backoff_s, self.keyring, history)
+        self.metrics.tiers = self._stack.tiers
+        # What the tiers store and drop: KV cache events, and how long chunks live.
+        self.events = ChunkEvents(self._stack.tiers, on_dropped_age=self._note_dropped_age)
+        self.tracer = Tracer(self.config.metrics.trace, self.config.metrics.otlp_endpoint)
         self.cost = LoadCostModel({slot.tier.name: slot.codecs for slot in self._stack.lower}, counters)
         self.admission = Admission(self.config.admission, counters)
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
@@ -132,15 +139,48 @@ class Shelf:
         located = self.locate(Prompt(token_ids, namespace, mm_hashes), tail, probe)
         return self.chunking.prefix_tokens(len(located), len(token_ids))
 
-    def locate(self, prompt: Prompt, tail: bool = True, probe: bool = False) -> list[str]:
+    def locate(self, prompt: Prompt, tail: bool = True, probe: bool = False, request_id: str | None = None
+               ) -> list[str]:
         """The tier (its name) holding each of the prompt's leading chunks that the shelf holds,
-        counting a stored tail with `tail`; a `probe` is as in `lookup`."""
+        counting a stored tail with `tail`; a `probe` is as in `lookup`. `request_id`: the lookup
+        goes into that request's trace (kvshelf.trace)."""
+        started_ns = now_ns()
         keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail)
         located = self._stack.locate_prefix(keys, shared=not probe)
         if not probe:
-            self.metrics.counters.lookup_tokens += len(prompt)
-            self.metrics.counters.hit_tokens += self.chunking.prefix_tokens(len(located), len(prompt))
+            self._count_lookup(prompt, keys, located, request_id, started_ns)
         return located
+
+    def _count_lookup(self, prompt: Prompt, keys: list[ChunkKey], located: list[str], request_id: str | None,
+                      started_ns: int) -> None:
+        counters, num_tokens = self.metrics.counters, len(prompt)
+        hit_tokens = self.chunking.prefix_tokens(len(located), num_tokens)
+        counters.lookup_tokens += num_tokens
+        counters.hit_tokens += hit_tokens
+        for index, tier in enumerate(located):
+            counters.hit_tokens_by_tier[tier] += self.chunking.tokens_in(index, num_tokens)
+        # Tokens of chunks that have keys but no tier holds, and those of a partial last chunk no key names.
+        keyed_tokens = self.chunking.prefix_tokens(len(keys), num_tokens)
+        reason = self._stack.missing_reason(keys[len(located)]) if len(located) < len(keys) else None
+        if reason is not None:
+            counters.miss_tokens[reason] += keyed_tokens - hit_tokens
+        if keyed_tokens < num_tokens:
+            counters.miss_tokens["partial_chunk"] += num_tokens - keyed_tokens
+            reason = reason or "partial_chunk"
+        tenant_label = self._tenant_label(prompt.namespace)
+        tenant = self.metrics.tenant(tenant_label)
+        tenant.lookup_tokens += num_tokens
+        tenant.hit_tokens += hit_tokens
+        trace = self.tracer.trace(request_id)
+        if trace is not None:
+            trace.tenant, trace.prompt_tokens, trace.hit_tokens, trace.miss_reason = (
+                tenant_label or "none", num_tokens, hit_tokens, reason)
+            trace.lookup_chunks = dict(Counter(located))
+            trace.phases["lookup"].append(Phase(started_ns, now_ns(), {"hit_tokens": hit_tokens, "miss_reason": reason,
+                                                                      "chunks": trace.lookup_chunks}))
+
+    def _tenant_label(self, namespace: Namespace) -> str | None:
+        return None if namespace.cache_salt is None else self.keyring.salt_tag(namespace.cache_salt)
 
     def holds(self, prompt: Prompt, num_tokens: int) -> bool:
         """Whether the shelf holds the prompt's first `num_tokens` (a stored tail counts); not counted
@@ -157,6 +197,8 @@ class Shelf:
         mm_hashes: MMHashes = (),
         start: int = 0,
         tail: bool = False,
+        request_id: str | None = None,
+        prefetch: bool = False,
     ) -> LoadResult:
         """KV of tokens [start, upto), or of fewer if some chunk is missing or damaged.
 
@@ -164,9 +206,10 @@ class Shelf:
         a stored tail of `token_ids` (the whole prompt) is loaded too, and the result may hold
         tokens beyond `upto` up to the chunk's end. A caller that already holds the first tokens'
         KV (an engine's own prefix cache) passes `start` to skip reading them. Loaded chunks are
-        promoted to memory.
+        promoted to memory. A `prefetch` only promotes them: it is not counted as KV handed to an
+        engine. `request_id`: the load goes into that request's trace.
         """
-        started_s = time.perf_counter()
+        started_ns, started_s = now_ns(), time.perf_counter()
         first_chunk = start // self.chunk_size
         if tail:
             num_chunks = self.chunking.count(upto)
@@ -176,9 +219,34 @@ class Shelf:
         num_tokens = len(token_ids)  # a stored tail is the prompt's last, partial chunk
         expected = [Expected(namespace.layout, self.chunking.tokens_in(index, num_tokens))
                     for index in range(first_chunk, first_chunk + len(keys))]
-        chunks = self._stack.get_prefix(keys, expected)
-        self.metrics.load_seconds.observe(time.perf_counter() - started_s)
-        return LoadResult(sum(chunk.shape[2] for chunk in chunks), chunks, first_chunk * self.chunk_size)
+        prefix = self._stack.get_prefix(keys, expected)
+        seconds = time.perf_counter() - started_s
+        result = LoadResult(sum(chunk.shape[2] for chunk in prefix.chunks), prefix.chunks,
+                            first_chunk * self.chunk_size)
+        if not prefetch:
+            self.metrics.prompt_load_seconds.observe(seconds)
+            wanted_end = self.chunking.prefix_tokens(first_chunk + len(keys), num_tokens)
+            self._count_load(result, prefix, wanted_end, seconds, request_id, started_ns)
+        return result
+
+    def _count_load(self, result: LoadResult, prefix: Prefix, wanted_end: int, seconds: float,
+                    request_id: str | None, started_ns: int) -> None:
+        counters = self.metrics.counters
+        counters.loaded_tokens += result.num_tokens
+        saved_s = self.cost.prefill_s(result.start, result.num_tokens)
+        counters.saved_prefill_s += saved_s or 0.0
+        if prefix.miss_reason is not None:
+            counters.miss_tokens[prefix.miss_reason] += wanted_end - result.end
+        trace = self.tracer.trace(request_id)
+        if trace is not None:
+            trace.loaded_tokens += result.num_tokens
+            for tier, num_bytes in prefix.bytes_by_tier.items():
+                trace.loaded_bytes[tier] = trace.loaded_bytes.get(tier, 0) + num_bytes
+            trace.load_s += seconds
+            trace.load_miss_reason = trace.load_miss_reason or prefix.miss_reason
+            trace.phases["load"].append(Phase(started_ns, now_ns(), {
+                "tokens": result.num_tokens, "bytes": dict(prefix.bytes_by_tier), "miss_reason": prefix.miss_reason,
+                "saved_prefill_s": saved_s}))
 
     def save(
         self, token_ids: Sequence[int], kv: torch.Tensor, namespace: Namespace, start: int = 0, mm_hashes: MMHashes = ()
@@ -205,6 +273,7 @@ class Shelf:
         tail: bool = False,
         num_prompt_tokens: int | None = None,
         admit: bool = True,
+        request_id: str | None = None,
     ) -> int:
         """Store the full chunks of `token_ids` from token `start` (a multiple of chunk_size), and
         with `tail` the trailing partial chunk too.
@@ -217,7 +286,9 @@ class Shelf:
         the memory tier's arena (`chunk_memory`), else copied there; it is called only for chunks
         the memory tier lacks. Returns at once: chunks go to memory now and
         to lower tiers in the background. Returns how many chunks were new to memory.
+        `request_id`: the save goes into that request's trace.
         """
+        started_ns = now_ns()
         if start % self.chunk_size:
             raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
         first_chunk = start // self.chunk_size
@@ -237,9 +308,17 @@ class Shelf:
                 new_items.append((key, held))
             items.append((key, held))
         self._stack.memory.put_many(new_items)
-        self.metrics.counters.stored_bytes[self._stack.memory.name] += sum(chunk.nbytes for _, chunk in new_items)
+        self._stack.history.note_used(keys)
+        new_bytes = sum(chunk.nbytes for _, chunk in new_items)
+        self.metrics.counters.stored_bytes[self._stack.memory.name] += new_bytes
+        self.metrics.tenant(self._tenant_label(namespace)).stored_bytes += new_bytes
         if self._stack.lower:
-            self._writer.submit(lambda: self._stack.write_lower(items, namespace, self.metrics.store_seconds))
+            self._writer.submit(lambda: self._stack.write_lower(items, namespace))
+        trace = self.tracer.trace(request_id)
+        if trace is not None:
+            trace.stored_chunks += len(new_items)
+            trace.stored_bytes += new_bytes
+            trace.phases["save"].append(Phase(started_ns, now_ns(), {"chunks": len(new_items), "bytes": new_bytes}))
         return len(new_items)
 
     def check_layout(self, layout: KVLayout) -> None:
@@ -265,6 +344,21 @@ class Shelf:
             return in_memory
         return [held or self.inbox.contains_prefix([key]) == 1 for key, held in zip(keys, in_memory)]
 
+    def pin(self, prompt: Prompt) -> int:
+        """Keep the prompt's stored chunks in memory whatever traffic comes (never evicted), reading
+        those below memory up first, as far as `memory.pin_size` allows; returns the leading tokens
+        pinned now (0: nothing stored, or no pin budget left). A stored tail is not pinned."""
+        keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes)
+        expected = [Expected(prompt.namespace.layout, self.chunk_size)] * len(keys)
+        held = self._stack.get_prefix(keys, expected).chunks
+        pinned = self._stack.memory.pin(keys[: len(held)], self.config.memory.pin_budget_bytes)
+        return pinned * self.chunk_size
+
+    def unpin(self, prompt: Prompt) -> int:
+        """Let the prompt's chunks be evicted again; returns how many of its tokens were pinned."""
+        keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes)
+        return self._stack.memory.unpin(keys) * self.chunk_size
+
     def _check_kv(self, kv: torch.Tensor, namespace: Namespace, num_tokens: int | None = None) -> None:
         layout = namespace.layout
         expected = layout.shape(num_tokens if num_tokens is not None else kv.shape[2] if kv.dim() == 5 else -1)
@@ -277,8 +371,13 @@ class Shelf:
     def _count_dropped_write(self) -> None:
         self.metrics.counters.dropped_writes += 1
 
+    def _note_dropped_age(self, tier_name: str, age_s: float) -> None:
+        self.metrics.evicted_age_seconds.labels(tier_name).observe(age_s)
+
     def stats(self) -> dict:
-        return self.metrics.snapshot()
+        stats = self.metrics.snapshot()
+        stats["pin_budget_bytes"] = self.config.memory.pin_budget_bytes
+        return stats
 
     def clear(self, model: Namespace | None = None) -> bool:
         """Reset (vLLM's reset_prefix_cache with reset_external, as after a weight update): empty this
@@ -312,6 +411,7 @@ class Shelf:
         self._closed = True
         self._writer.close()
         self._stack.close()
+        self.tracer.close()
 
     def __enter__(self) -> "Shelf":
         return self

@@ -87,6 +87,14 @@ class LoadCostModel:
         candidates = [(s_ty / s_tt, 0.0)] + ([(0.0, s_py / s_pp)] if s_pp > 0 else [])
         return max(candidates, key=lambda rates: rates[0] * s_ty + rates[1] * s_py)
 
+    def prefill_s(self, start: int, num_tokens: int) -> float | None:
+        """Estimated seconds to compute tokens [start, start + num_tokens) of a prompt; None before
+        any step was measured."""
+        rates = self.compute_rates()
+        if rates is None:
+            return None
+        return _prefill_s(rates, start, num_tokens)
+
     def load_s(self, tier: str, chunk_nbytes: int) -> float:
         """Estimated seconds to read and decode one chunk of `chunk_nbytes` raw bytes from `tier`;
         0 for the memory tier and for a tier not read yet."""
@@ -101,12 +109,10 @@ class LoadCostModel:
         rates = self.compute_rates()
         if rates is None:
             return len(located)
-        per_token_s, per_pair_s = rates
         best_count, best_saved_s, load_s = 0, 0.0, 0.0
         for count, tier in enumerate(located, 1):
             load_s += self.load_s(tier, chunk_nbytes)
-            num_tokens = count * chunk_tokens
-            saved_s = per_token_s * num_tokens + per_pair_s * num_attention_pairs(0, num_tokens) - load_s
+            saved_s = _prefill_s(rates, 0, count * chunk_tokens) - load_s
             if saved_s >= best_saved_s:
                 best_count, best_saved_s = count, saved_s
         if best_count == len(located):
@@ -119,3 +125,8 @@ class LoadCostModel:
         # A refused stored tail (a prompt's partial last chunk) counts as a whole chunk.
         self._counters.load_refused_tokens += (len(located) - best_count) * chunk_tokens
         return best_count
+
+
+def _prefill_s(rates: tuple[float, float], start: int, num_tokens: int) -> float:
+    per_token_s, per_pair_s = rates
+    return per_token_s * num_tokens + per_pair_s * num_attention_pairs(start, num_tokens)

@@ -16,8 +16,9 @@ bounded number of recent keys), so that events can name a chunk's parent.
 
 import functools
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -27,6 +28,7 @@ from kvshelf.tiers.base import Tier
 STORED, REMOVED = "stored", "removed"
 MAX_RECORDED_KEYS = 1 << 16  # keys held in records not yet taken; beyond, the oldest records go
 MAX_PARENTS = 1 << 16  # recent keys whose parent is remembered
+MAX_AGED_KEYS = 1 << 18  # keys whose storing time is remembered, to tell their age when dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +40,14 @@ class ChunkEvent:
 
 
 class ChunkEvents:
-    def __init__(self, tiers: Sequence[Tier], max_keys: int = MAX_RECORDED_KEYS) -> None:
+    """`on_dropped_age(tier name, seconds)`: told how long each chunk an instance's own tier stored
+    lived when the tier drops it (evicted, expired or cleared)."""
+
+    def __init__(self, tiers: Sequence[Tier], max_keys: int = MAX_RECORDED_KEYS,
+                 on_dropped_age: Callable[[str, float], None] | None = None) -> None:
         self._tiers = list(tiers)
+        self._on_dropped_age = on_dropped_age
+        self._stored_at: OrderedDict[tuple[str, ChunkKey], float] = OrderedDict()
         self._max_keys = max_keys
         self._records: deque[ChunkEvent] = deque()
         self._num_keys = 0
@@ -51,6 +59,8 @@ class ChunkEvents:
             tier.on_removed = functools.partial(self._record, REMOVED, tier.shared)
 
     def _record(self, kind: str, shared: bool, tier_name: str, keys: Sequence[ChunkKey]) -> None:
+        if not shared and self._on_dropped_age is not None:
+            self._note_ages(kind, tier_name, keys)
         with self._lock:
             self._records.append(ChunkEvent(kind, tier_name, shared, tuple(keys)))
             self._num_keys += len(keys)
@@ -58,6 +68,20 @@ class ChunkEvents:
                 dropped = self._records.popleft()
                 self._num_keys -= len(dropped.keys)
                 self.num_dropped_keys += len(dropped.keys)
+
+    def _note_ages(self, kind: str, tier_name: str, keys: Sequence[ChunkKey]) -> None:
+        now_s = time.monotonic()
+        ages = []
+        with self._lock:
+            for key in keys:
+                if kind == STORED:
+                    self._stored_at[tier_name, key] = now_s
+                elif (stored_s := self._stored_at.pop((tier_name, key), None)) is not None:
+                    ages.append(now_s - stored_s)
+            while len(self._stored_at) > MAX_AGED_KEYS:
+                self._stored_at.popitem(last=False)
+        for age_s in ages:
+            self._on_dropped_age(tier_name, age_s)
 
     def take(self) -> list[ChunkEvent]:
         """The records since the last take, oldest first."""

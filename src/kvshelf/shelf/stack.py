@@ -11,21 +11,22 @@ caller both are simply missing.
 import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from prometheus_client import Histogram
 
 from kvshelf.codecs import CODECS_BY_ID, codec_id_of, frame_parts, unframe
 from kvshelf.codecs.framing import HEADER_BYTES, Expected
 from kvshelf.errors import CorruptChunk, ForeignChunk, TierUnavailable
 from kvshelf.keys import ChunkKey, Namespace
-from kvshelf.metrics import ShelfCounters
+from kvshelf.metrics import ShelfMetrics
 from kvshelf.security import Keyring
 from kvshelf.shelf.codec_choice import CodecChoice
+from kvshelf.shelf.misses import ChunkHistory
 from kvshelf.threads import unpin_thread
 from kvshelf.tiers.base import Parts, Tier, parts_bytes
 from kvshelf.tiers.memory import MemoryTier, tensor_bytes
@@ -53,14 +54,26 @@ class LowerTier:
             self.down_until_s[direction] = until_s
 
 
+@dataclass(slots=True)
+class Prefix:
+    """What a load got: the leading chunks, their bytes by the tier each came from, and why the
+    chunk after them could not be had (None: none was missing)."""
+
+    chunks: list[torch.Tensor]
+    bytes_by_tier: defaultdict[str, int]
+    miss_reason: str | None = None
+
+
 class TierStack:
     def __init__(
-        self, memory: MemoryTier, lower: Sequence[LowerTier], counters: ShelfCounters, backoff_s: float,
-        keyring: Keyring,
+        self, memory: MemoryTier, lower: Sequence[LowerTier], metrics: ShelfMetrics, backoff_s: float,
+        keyring: Keyring, history: ChunkHistory,
     ) -> None:
         self.memory = memory
         self.lower = list(lower)
-        self._counters = counters
+        self._metrics = metrics
+        self._counters = metrics.counters
+        self.history = history
         self._backoff_s = backoff_s
         self._keyring = keyring
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="kvshelf-verify", initializer=unpin_thread)
@@ -77,40 +90,66 @@ class TierStack:
         progressed = True
         while progressed and len(located) < len(keys):
             progressed = False
-            found = self.memory.contains_prefix(keys[len(located):])
+            found = self._timed_lookup(self.memory, self.memory.contains_prefix, keys[len(located):])
             located += [self.memory.name] * found
             for slot in lower:
-                found = self._guarded(slot, READ, 0, slot.tier.contains_prefix, keys[len(located):])
+                found = self._timed_lookup(slot.tier, self._guarded, slot, READ, 0, slot.tier.contains_prefix,
+                                           keys[len(located):])
                 located += [slot.tier.name] * found
                 progressed = progressed or found > 0
         return located
 
-    def get_prefix(self, keys: Sequence[ChunkKey], expected: Sequence[Expected]) -> list[torch.Tensor]:
+    def _timed_lookup(self, tier: Tier, lookup: Callable[..., int], *args: Any) -> int:
+        started_s = time.perf_counter()
+        found = lookup(*args)
+        self._metrics.lookup_seconds.labels(tier.name).observe(time.perf_counter() - started_s)
+        return found
+
+    def any_down(self, shared: bool = True) -> bool:
+        """Whether a lower tier's reads are backing off now (without `shared`: of this instance's own)."""
+        return any(not slot.is_up(READ) for slot in self.lower if shared or not slot.tier.shared)
+
+    def missing_reason(self, key: ChunkKey, shared: bool = True) -> str:
+        """Why `key`, which no tier holds, is missing (a kvshelf.metrics.MISS_REASONS name)."""
+        return "tier_down" if self.any_down(shared) else self.history.reason(key)
+
+    def get_prefix(self, keys: Sequence[ChunkKey], expected: Sequence[Expected]) -> "Prefix":
         """Chunks of the longest leading run of `keys` that can be read and verified; `expected[i]`
         is what the i-th must be."""
+        started_s = time.perf_counter()
         chunks = self.memory.get_many(keys)
-        for chunk in chunks:
-            if chunk is not None:
-                self._counters.loaded_bytes[self.memory.name] += tensor_bytes(chunk)
+        self._metrics.load_seconds.labels(self.memory.name).observe(time.perf_counter() - started_s)
+        sources = [self.memory.name if chunk is not None else None for chunk in chunks]
+        reasons: dict[int, str] = {}  # why a chunk could not be read, by index
         for slot in self.lower:
             missing = [index for index, chunk in enumerate(chunks) if chunk is None]
             if not missing:
                 break
+            started_s = time.perf_counter()
             found = self._read(slot, [keys[index] for index in missing], [expected[index] for index in missing])
+            self._metrics.load_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
             for index, chunk in zip(missing, found):
-                chunks[index] = chunk
+                if isinstance(chunk, str):
+                    reasons.setdefault(index, chunk)
+                elif chunk is not None:
+                    chunks[index], sources[index] = chunk, slot.tier.name
             # Read and decoded into the memory tier's arena: stored there without a copy.
-            self.memory.put_many([(keys[i], c) for i, c in zip(missing, found) if c is not None])
-        prefix = []
-        for chunk in chunks:
+            self.memory.put_many([(keys[index], chunks[index]) for index in missing if chunks[index] is not None])
+        prefix = Prefix([], defaultdict(int))
+        for index, (chunk, source) in enumerate(zip(chunks, sources)):
             if chunk is None:
+                prefix.miss_reason = reasons.get(index) or self.missing_reason(keys[index])
                 break
-            prefix.append(chunk)
+            prefix.chunks.append(chunk)
+            prefix.bytes_by_tier[source] += tensor_bytes(chunk)
+        self._counters.loaded_bytes[self.memory.name] += prefix.bytes_by_tier[self.memory.name]
+        self.history.note_used(keys[: len(prefix.chunks)])
         return prefix
 
-    def _read(self, slot: LowerTier, keys: list[ChunkKey], expected: list[Expected]) -> list[torch.Tensor | None]:
+    def _read(self, slot: LowerTier, keys: list[ChunkKey], expected: list[Expected]) -> list[torch.Tensor | str | None]:
         """Read `keys` group by group (the tier's `read_group_chunks`), each group verified and decoded
         on the verifier thread while the next one is read: the MAC's cost hides behind the reading.
+        Per key: the chunk, None if missing, or why it could not be used ("corrupt", "foreign").
 
         Objects are read into the memory tier's arena (memory faulted in already, a payload where a
         raw chunk can stay); one that fails verification gives its memory back at once."""
@@ -126,7 +165,7 @@ class TierStack:
             group_expected = expected[start : start + group_size]
             all_blobs += blobs
             pending.append(self._verifier.submit(self._unframe_each, slot, group, blobs, group_expected))
-        chunks: list[torch.Tensor | None] = []
+        chunks: list[torch.Tensor | str | None] = []
         corrupt_keys = []
         outcomes = (outcome for future in pending for outcome in future.result())
         for key, blob, outcome in zip(keys, all_blobs, outcomes):
@@ -142,9 +181,13 @@ class TierStack:
             elif outcome is not None:
                 chunk, blob_bytes, codec_id, decode_s = outcome
                 slot.codecs.note_decoded(codec_id, chunk.nbytes, decode_s)
+                self._metrics.decode_seconds.labels(slot.tier.name).observe(decode_s)
                 self._counters.loaded_bytes[slot.tier.name] += blob_bytes
-            chunks.append(outcome[0] if isinstance(outcome, tuple) else None)
+            chunks.append(outcome[0] if isinstance(outcome, tuple)
+                          else "foreign" if isinstance(outcome, ForeignChunk)
+                          else "corrupt" if isinstance(outcome, CorruptChunk) else None)
         if corrupt_keys:
+            self.history.note_corrupt(corrupt_keys)
             self._guarded(slot, WRITE, None, slot.tier.delete, corrupt_keys)
         return chunks
 
@@ -168,9 +211,7 @@ class TierStack:
             outcomes.append((chunk, len(blob), codec_id_of(blob), time.perf_counter() - started_s))
         return outcomes
 
-    def write_lower(
-        self, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace, store_seconds: Histogram
-    ) -> None:
+    def write_lower(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace) -> None:
         """Encode and write `items` to every lower tier that lacks them (runs on the writer thread)."""
         for slot in self.lower:
             if not slot.receives_writes:
@@ -179,7 +220,7 @@ class TierStack:
             if self._guarded(slot, WRITE, False, self._write, slot, items, namespace) is False:
                 self._counters.dropped_writes += 1
             else:
-                store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
+                self._metrics.store_seconds.labels(slot.tier.name).observe(time.perf_counter() - started_s)
 
     def _write(self, slot: LowerTier, items: Sequence[tuple[ChunkKey, torch.Tensor]], namespace: Namespace) -> bool:
         held = slot.tier.contains_each([key for key, _ in items])

@@ -38,6 +38,7 @@ class Tier(ABC, Generic[Value]):
     # Chunks per get_many when a load reads many: the stack verifies one group while reading the next.
     # None: all at once (a tier whose reads cost nothing to overlap).
     read_group_chunks: int | None = None
+    pinned_bytes = 0  # chunks kept whatever comes (the memory tier's pins)
 
     def __init__(self, capacity_bytes: int) -> None:
         self.counters = TierCounters()

@@ -34,27 +34,57 @@ class MemoryTier(Tier[torch.Tensor]):
     def __init__(self, capacity_bytes: int, prefault: bool = True) -> None:
         super().__init__(capacity_bytes)
         self.arena = Arena(capacity_bytes, prefault)
-        # Oldest first; a hit moves a key to the end.
+        # Oldest first; a hit moves a key to the end. Pinned chunks are apart, never evicted.
         self._chunks: OrderedDict[ChunkKey, torch.Tensor] = OrderedDict()
+        self._pinned: dict[ChunkKey, torch.Tensor] = {}
+        self.pinned_bytes = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self._chunks) + len(self._pinned)
 
     def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
             for count, key in enumerate(keys):
-                if key not in self._chunks:
+                if key not in self._chunks and key not in self._pinned:
                     return count
             return len(keys)
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
         with self._lock:
-            values = [self._chunks.get(key) for key in keys]
-            for key, value in zip(keys, values):
-                if value is not None:
+            values = [self._chunks.get(key, self._pinned.get(key)) for key in keys]
+            for key in keys:
+                if key in self._chunks:
                     self._chunks.move_to_end(key)
             return values
+
+    # --- pinning: chunks kept whatever comes, within a budget ---
+
+    def pin(self, keys: Sequence[ChunkKey], budget_bytes: int) -> int:
+        """Pin the leading `keys` this tier holds, as long as the pinned bytes stay within
+        `budget_bytes`; returns how many of the leading keys are pinned now."""
+        with self._lock:
+            for count, key in enumerate(keys):
+                if key in self._pinned:
+                    continue
+                chunk = self._chunks.get(key)
+                if chunk is None or self.pinned_bytes + tensor_bytes(chunk) > budget_bytes:
+                    return count
+                self._pinned[key] = self._chunks.pop(key)
+                self.pinned_bytes += tensor_bytes(chunk)
+            return len(keys)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> int:
+        """Unpin `keys` (they become the most recently used); returns how many were pinned."""
+        with self._lock:
+            count = 0
+            for key in keys:
+                chunk = self._pinned.pop(key, None)
+                if chunk is not None:
+                    self.pinned_bytes -= tensor_bytes(chunk)
+                    self._chunks[key] = chunk
+                    count += 1
+            return count
 
     # --- memory in the arena, for chunks about to be stored here ---
 
@@ -114,8 +144,9 @@ class MemoryTier(Tier[torch.Tensor]):
                         self.counters.num_rejected_writes += 1  # the arena is full of chunks others still hold
                         continue
                 with self._lock:
-                    is_new = key not in self._chunks
+                    is_new = key not in self._chunks and key not in self._pinned
                     evicted += self._put(key, tensor, size_bytes)
+                    is_new = is_new and key in self._chunks
                 if is_new:
                     stored.append(key)
         finally:
@@ -130,9 +161,14 @@ class MemoryTier(Tier[torch.Tensor]):
 
     def _put(self, key: ChunkKey, tensor: torch.Tensor, size_bytes: int) -> list[ChunkKey]:
         """Store under the lock; returns the keys evicted to keep within the budget."""
+        if key in self._pinned:
+            return []
         self._remove(key)
         evicted = []
         while self._used_bytes + size_bytes > self._capacity_bytes:
+            if not self._chunks:  # the rest is pinned: not stored
+                self.counters.num_rejected_writes += 1
+                return evicted
             evicted.append(self._evict_oldest())
         self._chunks[key] = tensor
         self._used_bytes += size_bytes
@@ -154,18 +190,22 @@ class MemoryTier(Tier[torch.Tensor]):
 
     def _remove(self, key: ChunkKey) -> None:
         tensor = self._chunks.pop(key, None)
+        if tensor is None and (tensor := self._pinned.pop(key, None)) is not None:
+            self.pinned_bytes -= tensor_bytes(tensor)
         if tensor is not None:
             self._used_bytes -= tensor_bytes(tensor)
 
     def list_keys(self) -> list[ChunkKey]:
         with self._lock:
-            return list(self._chunks)
+            return [*self._chunks, *self._pinned]
 
     def clear(self) -> None:
+        """Drop every chunk, pinned ones too (a reset means the KV may no longer be right)."""
         with self._lock:
-            keys = list(self._chunks)
+            keys = [*self._chunks, *self._pinned]
             self._chunks.clear()
-            self._used_bytes = 0
+            self._pinned.clear()
+            self._used_bytes = self.pinned_bytes = 0
         self._note_removed(keys)
 
     def close(self) -> None:
@@ -173,5 +213,6 @@ class MemoryTier(Tier[torch.Tensor]):
         the last chunk still held elsewhere)."""
         with self._lock:
             self._chunks.clear()
-            self._used_bytes = 0
+            self._pinned.clear()
+            self._used_bytes = self.pinned_bytes = 0
         self.arena.close()

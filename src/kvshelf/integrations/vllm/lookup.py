@@ -193,7 +193,7 @@ class LookupServer(_Server):
         mm_hashes = [(position, bytes.fromhex(digest)) for position, digest in header["mm_hashes"]]
         token_ids = np.frombuffer(token_bytes, dtype="<i4").tolist()
         prompt = Prompt(token_ids, Namespace.from_description(header["namespace"]), mm_hashes)
-        located = self._shelf.locate(prompt, tail=True, probe=header["probe"])
+        located = self._shelf.locate(prompt, tail=True, probe=header["probe"], request_id=header["request_id"])
         if self._on_located is None or header["probe"]:  # a router's probe: what is held, claimed or not
             return located
         return self._on_located(header["request_id"], prompt, located)

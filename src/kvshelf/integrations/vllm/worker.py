@@ -193,6 +193,10 @@ class WorkerSide:
             for request_id in sent:
                 del self._copying[request_id]
             loaded, self._loaded = self._loaded, set()
+            # A request's trace is complete once vLLM has finished it and no save still copies its KV.
+            traced = (finished_request_ids - self._held) | sent
+        for request_id in traced:
+            self.shelf.tracer.finish(request_id)
         return sent or None, loaded or None
 
     def take_failed_block_ids(self) -> set[int]:
@@ -240,7 +244,7 @@ class WorkerSide:
         prompt = transfer.prompt.with_rank(self.tp_rank)
         # Tokens before `start` are in vLLM's own prefix cache: read only the chunks after them.
         loaded = self.shelf.load(prompt.token_ids, prompt.namespace, transfer.end, prompt.mm_hashes, transfer.start,
-                                 tail=True)
+                                 tail=True, request_id=transfer.request_id)
         loaded_end = max(min(loaded.end, transfer.end), transfer.start)
         for index, chunk in enumerate(loaded.chunks, start=loaded.start // chunking.size):
             # Blocks before `start` already hold vLLM's own cached KV (possibly shared): leave them.
@@ -309,7 +313,8 @@ class WorkerSide:
                     return
                 self._prefetching.discard(request_id)
             try:
-                self.shelf.load(prompt.token_ids, prompt.namespace, num_tokens, prompt.mm_hashes, tail=True)
+                self.shelf.load(prompt.token_ids, prompt.namespace, num_tokens, prompt.mm_hashes, tail=True,
+                                prefetch=True)
             except Exception as exc:  # noqa: BLE001 - a failed prefetch is a slower load, never an error
                 self._log.warning("prefetch", "kvshelf: prefetching request %s failed (%s: %s)",
                                   request_id, type(exc).__name__, exc)
@@ -353,7 +358,7 @@ class WorkerSide:
             return [chunk_at(index) for index in range(self.shelf.chunking.count(end - transfer.start))]
         prompt = transfer.prompt.with_rank(self.tp_rank)
         self.shelf.save_chunks(prompt.token_ids[:end], prompt.namespace, chunk_at, transfer.start,
-                               prompt.mm_hashes, num_prompt_tokens=len(prompt))
+                               prompt.mm_hashes, num_prompt_tokens=len(prompt), request_id=transfer.request_id)
         return None
 
     def _hand_over_contained(self, transfer: Transfer, chunks: list[torch.Tensor]) -> None:
