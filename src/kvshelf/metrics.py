@@ -10,7 +10,8 @@ without bound and a counter never moves from one label to another.
 """
 
 import threading
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from prometheus_client.registry import Collector
 from kvshelf.tiers.base import Tier
 
 LATENCY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+MAX_STARTED_REQUESTS = 4096  # requests looked up whose first token is still to come
 AGE_BUCKETS_S = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
 NO_TENANT = "none"  # requests without a cache_salt
 OTHER_TENANTS = "other"
@@ -87,7 +90,7 @@ class ShelfMetrics:
         self.counters = counters
         self.tiers: Sequence[Tier] = ()
         self._max_tenants = max_tenants
-        self._tenant_lock = threading.Lock()
+        self._lock = threading.Lock()
         self.registry = CollectorRegistry()
         self.registry.register(_CounterCollector(self))
 
@@ -101,9 +104,38 @@ class ShelfMetrics:
         self.store_seconds = histogram("kvshelf_store_seconds", "Time to encode and write chunks to a lower tier")
         self.prompt_load_seconds = histogram("kvshelf_prompt_load_seconds", "Time to load a prompt's KV, all tiers",
                                              labels=())
+        self.ttft_seconds = histogram("kvshelf_ttft_seconds", "Time from kvshelf's lookup of a request to the end "
+                                      "of the engine step computing its first token, by whether kvshelf "
+                                      "supplied KV (hit)", labels=("hit",), buckets=TTFT_BUCKETS_S)
+        self._started: OrderedDict[str, float] = OrderedDict()  # request id -> when looked up
         self.evicted_age_seconds = histogram("kvshelf_evicted_age_seconds",
                                              "How long chunks this process stored lived before their tier dropped "
                                              "them (evicted, or cleared)", buckets=AGE_BUCKETS_S)
+
+    def request_started(self, request_id: str) -> None:
+        with self._lock:
+            self._started[request_id] = time.perf_counter()
+            while len(self._started) > MAX_STARTED_REQUESTS:
+                self._started.popitem(last=False)
+
+    def first_token(self, request_id: str, hit: bool) -> None:
+        """The engine step computing the request's first token has ended."""
+        with self._lock:
+            started_s = self._started.pop(request_id, None)
+        if started_s is not None:
+            self.ttft_seconds.labels("true" if hit else "false").observe(time.perf_counter() - started_s)
+
+    def ttft_summary(self) -> dict[str, dict[str, float]]:
+        """Per hit ("true", "false"): how many first tokens were timed, and their seconds in all."""
+        summary = {"true": {"count": 0, "sum_s": 0.0}, "false": {"count": 0, "sum_s": 0.0}}
+        for family in self.ttft_seconds.collect():
+            for sample in family.samples:
+                hit = sample.labels.get("hit")
+                if sample.name.endswith("_count"):
+                    summary[hit]["count"] = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    summary[hit]["sum_s"] = sample.value
+        return summary
 
     def tenant(self, salt_tag: str | None) -> TenantCounters:
         """The counters of the tenant whose cache_salt has keyed tag `salt_tag` (None: no salt)."""
@@ -112,7 +144,7 @@ class ShelfMetrics:
         found = tenants.get(label)
         if found is not None:
             return found
-        with self._tenant_lock:
+        with self._lock:
             if label not in tenants and len(tenants) >= self._max_tenants:
                 label = OTHER_TENANTS
             return tenants.setdefault(label, TenantCounters())

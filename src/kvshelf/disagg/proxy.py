@@ -38,7 +38,6 @@ held tokens or salt: one client must not learn from them what another sent.
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
+from kvshelf.admin import bearer_is
 from kvshelf.config import load_config
 from kvshelf.disagg.kv_index import EventIndex
 from kvshelf.errors import ConfigError
@@ -563,12 +563,6 @@ def unavailable(pool: str) -> web.HTTPException:
 
 def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def bearer_is(request: web.Request, key: str) -> bool:
-    """Whether the request carries `Authorization: Bearer <key>`; compared in constant time."""
-    given = request.headers.get("Authorization", "").encode()
-    return hmac.compare_digest(given, f"Bearer {key}".encode())
 
 
 def check_admin_key(request: web.Request, admin_key: str | None) -> None:

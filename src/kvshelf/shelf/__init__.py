@@ -94,6 +94,7 @@ class Shelf:
         self.tracer = Tracer(self.config.metrics.trace, self.config.metrics.otlp_endpoint)
         self.cost = LoadCostModel({slot.tier.name: slot.codecs for slot in self._stack.lower}, counters)
         self.admission = Admission(self.config.admission, counters)
+        self._descriptions: dict[str, dict] = {}  # namespace id -> public description, of namespaces saved here
         self._writer = BackgroundWriter(self.config.writer_queue_size, on_drop=self._count_dropped_write)
         self._closed = False
 
@@ -171,6 +172,8 @@ class Shelf:
         tenant = self.metrics.tenant(tenant_label)
         tenant.lookup_tokens += num_tokens
         tenant.hit_tokens += hit_tokens
+        if request_id is not None:
+            self.metrics.request_started(request_id)
         trace = self.tracer.trace(request_id)
         if trace is not None:
             trace.tenant, trace.prompt_tokens, trace.hit_tokens, trace.miss_reason = (
@@ -293,6 +296,8 @@ class Shelf:
             raise ValueError(f"start must be a multiple of chunk_size {self.chunk_size}, got {start}")
         first_chunk = start // self.chunk_size
         chain = self.chunk_keys(token_ids, namespace, mm_hashes, tail)
+        if chain and chain[0].namespace_id not in self._descriptions:
+            self._descriptions[chain[0].namespace_id] = namespace.public_description(self.keyring)
         self.events.note_chain(chain)  # so that KV events name each stored chunk's parent
         keys = chain[first_chunk:]
         if admit:
@@ -358,6 +363,59 @@ class Shelf:
         """Let the prompt's chunks be evicted again; returns how many of its tokens were pinned."""
         keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes)
         return self._stack.memory.unpin(keys) * self.chunk_size
+
+    def whereabouts(self, prompt: Prompt) -> list[dict]:
+        """Per chunk of the prompt (a stored tail included): its tokens and the tiers holding it. Not
+        counted in the statistics; a tier that cannot be asked now is left out."""
+        keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
+        holders: list[list[str]] = [[] for _ in keys]
+        for tier in self._stack.tiers:
+            try:
+                held = tier.contains_each(keys)
+            except TierUnavailable as exc:
+                logger.warning("kvshelf: could not ask the %s tier: %s", tier.name, exc)
+                continue
+            for tiers, is_held in zip(holders, held):
+                if is_held:
+                    tiers.append(tier.name)
+        return [{"tokens": list(self.chunking.span(index, len(prompt))), "tiers": tiers}
+                for index, tiers in enumerate(holders)]
+
+    def namespaces(self) -> dict[str, dict]:
+        """Per namespace id this instance's own tiers hold chunks of: its chunks per tier, and its
+        public description (no salt) where this process saved to it (None otherwise)."""
+        held: dict[str, dict] = {}
+        for tier in self._stack.tiers:
+            for key in tier.list_keys():  # a shared tier lists none
+                entry = held.setdefault(key.namespace_id, {"description": self._descriptions.get(key.namespace_id),
+                                                           "chunks": {}})
+                entry["chunks"][tier.name] = entry["chunks"].get(tier.name, 0) + 1
+        return held
+
+    def drop(self, namespace_id: str | None = None, prompt: Prompt | None = None) -> int:
+        """Drop one namespace's chunks (by id), or one prompt's, from every tier, shared ones too;
+        returns how many chunks this instance's own tiers held. Queued writes run first."""
+        if (namespace_id is None) == (prompt is None):
+            raise ValueError("drop takes a namespace id or a prompt")
+        self.flush()
+        if prompt is not None:
+            prompt_keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
+        dropped = 0
+        for tier in self._stack.tiers:
+            try:
+                if prompt is not None:
+                    keys = prompt_keys
+                elif tier.shared:
+                    tier.clear(namespace_id)
+                    continue
+                else:
+                    keys = [key for key in tier.list_keys() if key.namespace_id == namespace_id]
+                if not tier.shared:
+                    dropped += sum(tier.contains_each(keys))
+                tier.discard(keys)
+            except TierUnavailable as exc:
+                logger.warning("kvshelf: could not drop chunks from the %s tier: %s", tier.name, exc)
+        return dropped
 
     def _check_kv(self, kv: torch.Tensor, namespace: Namespace, num_tokens: int | None = None) -> None:
         layout = namespace.layout

@@ -99,6 +99,11 @@ class Tier(ABC, Generic[Value]):
     @abstractmethod
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
 
+    def discard(self, keys: Sequence[ChunkKey]) -> None:
+        """Delete `keys` on an operator's request, reported like an eviction (KV cache events)."""
+        self.delete(keys)
+        self._note_removed(keys)
+
     def clear(self) -> None:
         """Drop every chunk this tier holds for this deployment (vLLM's reset_prefix_cache with
         reset_external), reporting them through `_note_removed`. Optional: a shared tier may decline."""

@@ -14,7 +14,9 @@ pushed KV sets "pd.receive_address". "lookup_address" lets a KV-aware router (`k
 ask how much of a prompt this instance holds.
 """
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,9 @@ from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.platforms import current_platform
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvshelf.admin import AdminAPI, AdminServer, AdminTarget
 from kvshelf.codecs import CODECS
-from kvshelf.config import connector_config
+from kvshelf.config import AdminConfig, connector_config
 from kvshelf.integrations.vllm.context import EngineFacts, engine_facts, with_window_storage
 from kvshelf.integrations.vllm.events import KVShelfKVEvents, SchedulerEvents, worker_events
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, RoutingLookupServer, lookup_address
@@ -67,6 +70,27 @@ def refuse_unloadable_attention(vllm_config: Any) -> None:
             "(vLLM turns prefix caching off for MLA on CPUs without AMX), so a hit would give wrong output; run this "
             "model without --kv-transfer-config here, or on a GPU or an AMX CPU"
         )
+
+
+def admin_server(shelf: Shelf, admin: AdminConfig, vllm_config: Any, facts: EngineFacts, tp_rank: int) -> AdminServer:
+    """The admin API of this rank's shelf, on admin.address's port + the rank."""
+    base = dataclasses.replace(facts.base_namespace, tp_rank=tp_rank)
+    tokenizer_name = vllm_config.model_config.tokenizer
+    tokenizers = []
+
+    def tokenize(text: str) -> list[int]:  # as vLLM tokenizes a completion prompt (special tokens added)
+        if not tokenizers:
+            from transformers import AutoTokenizer
+
+            tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_name))
+        return tokenizers[0](text).input_ids
+
+    target = AdminTarget(shelf, lambda salt: dataclasses.replace(base, cache_salt=salt), tokenize, admin.engine_url,
+                         os.environ.get("VLLM_API_KEY"),
+                         {"name": f"{vllm_config.model_config.served_model_name} rank {tp_rank}",
+                          "model_id": base.model_id, "tp_rank": tp_rank, "tp_size": base.tp_size})
+    host, _, port = admin.address.rpartition(":")
+    return AdminServer(AdminAPI(target, admin.key).app(), host, int(port) + tp_rank)
 
 
 # Where vLLM's hit-source metrics put each tier's hits.
@@ -129,6 +153,8 @@ class KVShelfConnector(KVConnectorBase_V1, SupportsHMA):
             self._servers.append(LookupServer(shelf, lookup_address(engine_id, tp_rank),
                                               on_located=self._worker.located))
             self._worker.hand_over.receive(facts.base_namespace.layout.bytes_per_token)
+            if config.admin.address is not None:
+                self._servers.append(admin_server(shelf, config.admin, vllm_config, facts, tp_rank))
         self._failed_request_ids: set[str] = set()
         events_config = vllm_config.kv_events_config
         # Workers send their shelf's events only when vLLM publishes them (--kv-events-config).

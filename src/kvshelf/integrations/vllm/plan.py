@@ -32,3 +32,5 @@ class StepPlan:
     num_attention_pairs: int = 0
     # transfer.mode async (and no sliding-window group): saves run after the step; blocks held till done
     background_saves: bool = False
+    # Requests whose prefill this step finishes (their first token), with the tokens kvshelf supplied them.
+    first_tokens: dict[str, int] = field(default_factory=dict)

@@ -63,6 +63,7 @@ class RequestState:
     local_tokens: int = 0  # leading prompt tokens in vLLM's own prefix cache, at the last ask
     load: tuple[int, int] | None = None  # tokens [start, end) to load in the next step
     load_async: bool = False
+    hit_tokens: int = 0  # tokens kvshelf was asked to load
     saving: bool = False  # a save was planned: in async mode its blocks are held until the worker is done
 
 
@@ -176,6 +177,7 @@ class SchedulerSide:
             return
         state.block_ids = [list(group) for group in blocks.get_block_ids()]
         if num_external_tokens > 0:
+            state.hit_tokens = num_external_tokens
             state.load = (state.local_tokens, state.local_tokens + num_external_tokens)
             if state.load_async:  # not scheduled this step: its load goes out with this step's plan
                 self._waiting.append(request.request_id)
@@ -223,6 +225,8 @@ class SchedulerSide:
         plan.num_prefill_tokens += max(min(num_scheduled, prompt_tokens - num_computed), 0)
         plan.num_tokens += num_scheduled
         plan.num_attention_pairs += num_attention_pairs(num_computed, num_scheduled)
+        if num_computed < prompt_tokens <= num_computed + num_scheduled:
+            plan.first_tokens[request_id] = state.hit_tokens
         if not self.role.saves or not num_computed < prompt_tokens:
             return
         if self.facts.has_windows and not self.role.hands_over:

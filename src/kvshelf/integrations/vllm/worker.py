@@ -168,6 +168,8 @@ class WorkerSide:
         if self._step_started_s and plan.num_prefill_tokens:
             seconds = time.perf_counter() - self._step_started_s
             self.shelf.cost.note_prefill(plan.num_tokens, seconds, plan.num_attention_pairs)
+        for request_id, hit_tokens in plan.first_tokens.items():
+            self.shelf.metrics.first_token(request_id, hit_tokens > 0)
         for transfer in plan.saves:
             if transfer.request_id in failed_request_ids:
                 # This step's KV attended to blocks that failed to load: never store it. vLLM

@@ -1,0 +1,176 @@
+"""The admin API over a real shelf (memory and disk tiers), served on a real port."""
+
+import dataclasses
+
+import httpx
+import pytest
+import torch
+
+from kvshelf import Namespace
+from kvshelf.admin import AdminAPI, AdminServer, AdminTarget
+from kvshelf.ports import free_port
+from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
+
+ADMIN_KEY = "operators-only-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+TOKENS = list(range(100, 118))  # 4 full chunks of 4 and a partial one
+CHUNK_BYTES = LAYOUT.bytes_per_token * CHUNK_SIZE
+
+
+@pytest.fixture
+def admin(make_shelf, namespace):
+    """(shelf, client) of an admin API served on a free port; closed at the end."""
+    shelf = make_shelf(memory_size=8 * CHUNK_BYTES, memory_pin_size=2 * CHUNK_BYTES)
+    target = AdminTarget(shelf, lambda salt: dataclasses.replace(namespace, cache_salt=salt),
+                         tokenize=lambda text: [100 + ord(c) % 50 for c in text], facts={"name": "test"})
+    server = AdminServer(AdminAPI(target, ADMIN_KEY).app(), "127.0.0.1", free_port())
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield shelf, client
+    server.close()
+
+
+def test_only_the_admin_key_opens_it(admin):
+    _, client = admin
+    for headers in ({}, {"Authorization": "Bearer a-client-api-key"}, {"Authorization": f"Bearer {ADMIN_KEY}x"},
+                    {"Authorization": ADMIN_KEY}):
+        for path in ("/metrics", "/kvshelf/stats", "/kvshelf/namespaces"):
+            answer = client.get(path, headers=headers)
+            assert answer.status_code == 401 and "admin key" in answer.json()["error"]
+        assert client.post("/kvshelf/clear", headers=headers).status_code == 401
+    assert client.get("/health").text == "ok"
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and "/kvshelf/stats" in page.text and "<script" in page.text
+    offline = page.text.replace("http://www.w3.org/2000/svg", "")  # a name, never fetched
+    assert "http://" not in offline and "https://" not in offline  # no external assets
+
+
+def test_stats_and_metrics_tell_the_same_numbers(admin, namespace):
+    shelf, client = admin
+    shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+    shelf.lookup(TOKENS, namespace)
+    stats = client.get("/kvshelf/stats", headers=ADMIN).json()
+    assert stats["hit_tokens"] == 16 and stats["misses_by_reason"]["partial_chunk"] == 2
+    assert stats["instance"]["name"] == "test" and stats["instance"]["chunk_size"] == CHUNK_SIZE
+    assert set(stats["ttft"]) == {"true", "false"}
+    metrics = client.get("/metrics", headers=ADMIN).text
+    assert 'kvshelf_lookup_tokens_total{result="hit"} 16.0' in metrics
+    assert 'kvshelf_miss_tokens_total{reason="partial_chunk"} 2.0' in metrics
+
+
+def test_namespaces_and_clearing_one(admin, namespace):
+    shelf, client = admin
+    tenant = dataclasses.replace(namespace, cache_salt="tenant-secret-salt")
+    shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+    shelf.save(TOKENS[:8], random_kv(8), tenant)
+    shelf.flush()
+    answer = client.get("/kvshelf/namespaces", headers=ADMIN)
+    assert "tenant-secret-salt" not in answer.text
+    namespaces = answer.json()["namespaces"]
+    plain_id, tenant_id = namespace.id(shelf.keyring), tenant.id(shelf.keyring)
+    assert namespaces[plain_id]["chunks"] == {"memory": 4, "disk": 4}
+    assert namespaces[tenant_id]["chunks"] == {"memory": 2, "disk": 2}
+    assert namespaces[tenant_id]["description"]["cache_salt_tag"] == shelf.keyring.salt_tag("tenant-secret-salt")
+    assert client.post("/kvshelf/clear", headers=ADMIN, json={"namespace": tenant_id}).json() == {"dropped_chunks": 4}
+    assert shelf.lookup(TOKENS, tenant) == 0 and shelf.lookup(TOKENS, namespace) == 16
+    assert set(client.get("/kvshelf/namespaces", headers=ADMIN).json()["namespaces"]) == {plain_id}
+
+
+def test_clearing_a_prefix_and_everything(admin, namespace):
+    shelf, client = admin
+    other = [5] * 8
+    shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+    shelf.save(other, random_kv(8), namespace)
+    shelf.flush()
+    answer = client.post("/kvshelf/clear", headers=ADMIN, json={"token_ids": TOKENS})
+    assert answer.json() == {"dropped_chunks": 8}  # 4 chunks, in memory and on disk
+    assert shelf.lookup(TOKENS, namespace) == 0 and shelf.lookup(other, namespace) == 8
+    assert client.post("/kvshelf/clear", headers=ADMIN).json() == {"cleared": True}
+    assert shelf.lookup(other, namespace) == 0
+
+
+def test_pin_keeps_a_prefix_through_traffic_within_the_budget(admin, namespace):
+    shelf, client = admin
+    kv = random_kv(len(TOKENS))
+    shelf.save(TOKENS, kv, namespace)
+    answer = client.post("/kvshelf/pin", headers=ADMIN, json={"token_ids": TOKENS}).json()
+    assert answer["pinned_tokens"] == 8 and answer["pinned_bytes"] == 2 * CHUNK_BYTES  # the budget: 2 chunks
+    shelf._stack.lower[0].tier.clear()  # the disk copy gone: only the pins keep it
+    for seed in range(12):
+        shelf.save([seed] * 4, random_kv(4, seed=seed), namespace)
+    assert shelf.lookup(TOKENS, namespace) == 8
+    assert torch.equal(shelf.load(TOKENS, namespace, 8).kv(), kv[:, :, :8])
+    assert client.post("/kvshelf/unpin", headers=ADMIN, json={"token_ids": TOKENS}).json() == {"unpinned_tokens": 8}
+
+
+def test_warm_reads_a_stored_prefix_into_memory_and_inspect_tells_where_chunks_are(admin, namespace):
+    shelf, client = admin
+    shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+    shelf.flush()
+    shelf._stack.memory.clear()
+    where = client.post("/kvshelf/inspect", headers=ADMIN, json={"token_ids": TOKENS}).json()
+    assert where["prompt_tokens"] == 18
+    assert [chunk["tiers"] for chunk in where["chunks"]] == [["disk"]] * 4 + [[]]
+    assert where["chunks"][4]["tokens"] == [16, 18]
+    warm = client.post("/kvshelf/warm", headers=ADMIN, json={"token_ids": TOKENS}).json()
+    assert warm == {"prompt_tokens": 18, "held_tokens": 16, "computed": False}  # no engine_url: prefetch only
+    where = client.post("/kvshelf/inspect", headers=ADMIN, json={"token_ids": TOKENS}).json()
+    assert [chunk["tiers"] for chunk in where["chunks"]][:4] == [["memory", "disk"]] * 4
+
+
+def test_text_prompts_and_tenants(admin, namespace):
+    shelf, client = admin
+    text_ids = [100 + ord(c) % 50 for c in "hello world!"]
+    tenant = dataclasses.replace(namespace, cache_salt="acme")
+    shelf.save(text_ids, random_kv(len(text_ids)), tenant)
+    shelf.flush()
+    inspect = client.post("/kvshelf/inspect", headers=ADMIN, json={"text": "hello world!", "cache_salt": "acme"})
+    assert [chunk["tiers"] for chunk in inspect.json()["chunks"]] == [["memory", "disk"]] * 3
+    other_tenant = client.post("/kvshelf/inspect", headers=ADMIN, json={"text": "hello world!", "cache_salt": "x"})
+    assert [chunk["tiers"] for chunk in other_tenant.json()["chunks"]] == [[]] * 3
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"token_ids": []}, {"token_ids": [1, -2]}, {"token_ids": [1, True]}, {"token_ids": "1 2"}, {"text": ""},
+    {"token_ids": [1], "cache_salt": 5}, [1, 2],
+])
+def test_a_bad_prompt_is_a_400_that_says_what_to_send(admin, body):
+    _, client = admin
+    answer = client.post("/kvshelf/pin", headers=ADMIN, json=body)
+    assert answer.status_code == 400 and answer.json()["error"]
+
+
+def test_a_bad_namespace_or_body_is_a_400(admin):
+    _, client = admin
+    assert client.post("/kvshelf/clear", headers=ADMIN, json={"namespace": "../x"}).status_code == 400
+    answer = client.post("/kvshelf/clear", headers=ADMIN, content=b"{not json")
+    assert answer.status_code == 400 and "JSON" in answer.json()["error"]
+
+
+def test_an_unreachable_engine_is_a_502_that_names_the_setting(admin, namespace):
+    shelf, client = admin
+    shelf_target_url = f"http://127.0.0.1:{free_port()}"
+    target = AdminTarget(shelf, lambda salt: namespace, engine_url=shelf_target_url)
+    server = AdminServer(AdminAPI(target, ADMIN_KEY).app(), "127.0.0.1", free_port())
+    try:
+        answer = httpx.post(f"{server.url}/kvshelf/warm", headers=ADMIN, json={"token_ids": TOKENS}, timeout=30)
+        assert answer.status_code == 502 and "admin.engine_url" in answer.json()["error"]
+    finally:
+        server.close()
+
+
+def test_admin_address_needs_a_key(make_shelf):
+    from kvshelf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="admin.key"):
+        make_shelf(admin_address="127.0.0.1:8101")
+    with pytest.raises(ConfigError, match="host:port"):
+        make_shelf(admin_address="8101", admin_key="k")
+
+
+def test_a_namespace_named_in_the_stats_is_the_tenants_tag_only(admin):
+    shelf, client = admin
+    tenant = Namespace("m", LAYOUT, cache_salt="tenant-secret-salt")
+    shelf.save(TOKENS[:4], random_kv(4), tenant)
+    shelf.lookup(TOKENS, tenant)
+    text = client.get("/kvshelf/stats", headers=ADMIN).text + client.get("/metrics", headers=ADMIN).text
+    assert "tenant-secret-salt" not in text and shelf.keyring.salt_tag("tenant-secret-salt") in text
