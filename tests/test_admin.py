@@ -70,7 +70,8 @@ def test_namespaces_and_clearing_one(admin, namespace):
     assert namespaces[plain_id]["chunks"] == {"memory": 4, "disk": 4}
     assert namespaces[tenant_id]["chunks"] == {"memory": 2, "disk": 2}
     assert namespaces[tenant_id]["description"]["cache_salt_tag"] == shelf.keyring.salt_tag("tenant-secret-salt")
-    assert client.post("/kvshelf/clear", headers=ADMIN, json={"namespace": tenant_id}).json() == {"dropped_chunks": 4}
+    answer = client.post("/kvshelf/clear", headers=ADMIN, json={"namespace": tenant_id}).json()
+    assert answer == {"dropped_chunks": {"memory": 2, "disk": 2}}
     assert shelf.lookup(TOKENS, tenant) == 0 and shelf.lookup(TOKENS, namespace) == 16
     assert set(client.get("/kvshelf/namespaces", headers=ADMIN).json()["namespaces"]) == {plain_id}
 
@@ -82,7 +83,7 @@ def test_clearing_a_prefix_and_everything(admin, namespace):
     shelf.save(other, random_kv(8), namespace)
     shelf.flush()
     answer = client.post("/kvshelf/clear", headers=ADMIN, json={"token_ids": TOKENS})
-    assert answer.json() == {"dropped_chunks": 8}  # 4 chunks, in memory and on disk
+    assert answer.json() == {"dropped_chunks": {"memory": 4, "disk": 4}}
     assert shelf.lookup(TOKENS, namespace) == 0 and shelf.lookup(other, namespace) == 8
     assert client.post("/kvshelf/clear", headers=ADMIN).json() == {"cleared": True}
     assert shelf.lookup(other, namespace) == 0

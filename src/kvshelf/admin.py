@@ -44,6 +44,9 @@ from kvshelf.shelf import Shelf
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 2**20
+VERBS = ("clear", "pin", "unpin", "warm", "inspect")
+FLEET_PREFIX = "/proxy/admin"
+FLEET_TIMEOUTS_S = {"GET": 10.0, "POST": 600.0}  # a warm may compute a long prompt
 MAX_PROMPT_TOKENS = 1 << 20
 WARM_WAIT_S = 10.0  # how long a warm waits for the engine's KV to be stored after its answer
 
@@ -92,7 +95,7 @@ class AdminAPI:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/kvshelf/stats", self.stats)
         app.router.add_get("/kvshelf/namespaces", self.namespaces)
-        for verb in ("clear", "pin", "unpin", "warm", "inspect"):
+        for verb in VERBS:
             app.router.add_post(f"/kvshelf/{verb}", getattr(self, verb))
         return app
 
@@ -212,6 +215,53 @@ class AdminAPI:
             raise json_error(web.HTTPBadRequest, 'a prompt is {"token_ids": [...]} or {"text": "..."}, '
                              'with "cache_salt" for a tenant\'s namespace')
         return Prompt(token_ids, self.target.namespace_of(salt))
+
+
+class FleetAdmin:
+    """The fleet's admin API, on `kvshelf proxy`: /proxy/admin/<path> calls /kvshelf/<path> on every
+    instance given admin= (instances: proxy url -> admin url) with the proxy's admin key, which the
+    instances share (admin.key), and answers {"instances": {url: answer, or {"error": ...}}}; an
+    instance that cannot be reached is an error entry, never a failed call. /dashboard shows the fleet."""
+
+    def __init__(self, instances: dict[str, str], admin_key: str | None) -> None:
+        self._instances = instances
+        self._admin_key = admin_key
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/dashboard", self.dashboard)
+        app.router.add_get(f"{FLEET_PREFIX}/stats", self.fan_out)
+        app.router.add_get(f"{FLEET_PREFIX}/namespaces", self.fan_out)
+        for verb in VERBS:
+            app.router.add_post(f"{FLEET_PREFIX}/{verb}", self.fan_out)
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(text=dashboard_page(f"{FLEET_PREFIX}/stats"), content_type="text/html")
+
+    async def fan_out(self, request: web.Request) -> web.Response:
+        if self._admin_key is None:
+            raise json_error(web.HTTPForbidden, f"{FLEET_PREFIX} is off: start the proxy with --admin-key (the "
+                             "instances' admin.key) and send Authorization: Bearer <admin key>")
+        if not bearer_is(request, self._admin_key):
+            raise json_error(web.HTTPUnauthorized, "missing or wrong admin key (Authorization: Bearer <admin key>; "
+                             "the API key does not open it)")
+        path = "/kvshelf/" + request.path.removeprefix(f"{FLEET_PREFIX}/")
+        body = await request.read() if request.method == "POST" else None
+        timeout = aiohttp.ClientTimeout(total=FLEET_TIMEOUTS_S[request.method])
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            answers = await asyncio.gather(*(self._call(session, request.method, admin_url + path, body)
+                                             for admin_url in self._instances.values()))
+        return web.json_response({"instances": dict(zip(self._instances, answers))})
+
+    async def _call(self, session: aiohttp.ClientSession, method: str, url: str, body: bytes | None) -> dict:
+        headers = {"Authorization": f"Bearer {self._admin_key}", "Content-Type": "application/json"}
+        try:
+            async with session.request(method, url, data=body, headers=headers) as answer:
+                payload = await answer.json(content_type=None)
+                if answer.status != 200:
+                    return {"error": f"HTTP {answer.status}: {payload.get('error', '')}"}
+                return payload
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+            return {"error": f"unreachable ({type(exc).__name__})"}
 
 
 async def health(request: web.Request) -> web.Response:

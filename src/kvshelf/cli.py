@@ -3,8 +3,10 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="prefill/decode disaggregation: a prefill instance hands each prompt's KV to a decode one")
     serve.add_argument("--receive-address", help="decode role: accept KV pushed by prefill instances, tcp://host:port")
     serve.add_argument("--lookup-address", help="answer a KV-aware router's lookups (kvshelf proxy), tcp://host:port")
+    serve.add_argument("--admin-port", type=int, help="serve kvshelf's admin API, /metrics and /dashboard on --host "
+                       "at this port (tensor-parallel rank r: port + r); the admin key comes from KVSHELF_ADMIN_KEY")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` arguments")
     serve.set_defaults(handler=run_serve)
 
@@ -173,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     pd.add_argument("--log-dir", default="out/pd", help="where each process logs")
     pd.set_defaults(handler=run_pd)
 
-    store_help = "the disk tier's directory (disk.path) or a Redis URL (redis://[user:password@]host:port/db)"
+    store_help = ("the disk tier's directory (disk.path), a Redis URL (redis://[user:password@]host:port/db), or a "
+                  "running instance's admin API (http://host:port, admin.address) or a proxy's fleet admin API "
+                  "(http://host:port/proxy/admin), with the admin key in KVSHELF_ADMIN_KEY")
     store_commands = {
-        "inspect": "what a store holds: chunks and bytes per namespace, damaged chunks (reads every chunk)",
-        "stats": "chunks and bytes per namespace, and the store's own state, without reading chunks",
-        "clear": "remove one namespace's chunks (or every namespace's) from a store",
+        "inspect": "what a store holds: chunks and bytes per namespace, damaged chunks (reads every chunk); "
+                   "of a running instance, where a prompt's chunks are",
+        "stats": "chunks and bytes per namespace, and the store's own state, without reading chunks; of a "
+                 "running instance, its statistics",
+        "clear": "remove one namespace's chunks (or every namespace's, or a prompt's) from a store",
     }
     for name, help_text in store_commands.items():
         store = commands.add_parser(name, help=help_text)
@@ -188,11 +196,22 @@ def main(argv: list[str] | None = None) -> int:
             which = store.add_mutually_exclusive_group(required=True)
             which.add_argument("--namespace", action="append", help="namespace id (see `kvshelf stats`); repeatable")
             which.add_argument("--all", action="store_true", help="every namespace")
+            _prompt_arguments(store, which)
         else:
             store.add_argument("--json", action="store_true", help="print JSON instead of a table")
         if name == "inspect":
             store.add_argument("--no-verify", action="store_true", help="skip reading and checking every chunk")
+            _prompt_arguments(store, store)
         store.set_defaults(handler={"inspect": run_inspect, "stats": run_stats, "clear": run_clear}[name])
+    admin_verbs = {"pin": "keep a prompt's chunks in a running instance's memory whatever comes (memory.pin_size)",
+                   "unpin": "let a pinned prompt's chunks be evicted again",
+                   "warm": "read a prompt's stored KV into memory, or have the engine compute it, before traffic"}
+    for name, help_text in admin_verbs.items():
+        verb = commands.add_parser(name, help=help_text)
+        verb.add_argument("admin_url", help="a running instance's admin API (http://host:port) or a proxy's fleet "
+                          "admin API (http://host:port/proxy/admin); the admin key in KVSHELF_ADMIN_KEY")
+        _prompt_arguments(verb, verb.add_mutually_exclusive_group(required=True))
+        verb.set_defaults(handler=run_admin_verb, verb=name)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -380,9 +399,11 @@ def run_tier_hits_bench(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from kvshelf.serve import connector_extra_config, exec_vllm, redis_login_env, vllm_serve_argv
 
+    engine_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     extra_config = connector_extra_config(
         args.config, args.disk_path, args.memory_size, args.chunk_size, args.redis_url,
         args.receive_address, args.lookup_address,
+        f"{args.host}:{args.admin_port}" if args.admin_port else None, f"http://{engine_host}:{args.port}",
     )
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     argv = vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args, args.role)
@@ -440,11 +461,67 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_arguments(parser: argparse.ArgumentParser, group) -> None:
+    """--text / --token-ids (in `group`) and --cache-salt: a prompt for the admin API."""
+    group.add_argument("--text", help="the prompt, tokenized as the engine tokenizes a completion prompt")
+    group.add_argument("--token-ids", help="the prompt as token ids, comma-separated")
+    parser.add_argument("--cache-salt", help="the tenant's cache_salt (default: none)")
+
+
+def _admin_prompt(args: argparse.Namespace) -> dict:
+    body = {"text": args.text} if args.text else {}
+    if args.token_ids:
+        try:
+            body = {"token_ids": [int(token) for token in args.token_ids.split(",")]}
+        except ValueError:
+            raise ValueError("--token-ids takes integers, comma-separated") from None
+    if args.cache_salt:
+        body["cache_salt"] = args.cache_salt
+    return body
+
+
+def _admin_call(url: str, method: str, verb: str, body: dict | None = None) -> int:
+    """Call a running instance's (or a proxy's fleet) admin API and print its answer as JSON."""
+    import httpx
+
+    key = os.environ.get("KVSHELF_ADMIN_KEY")
+    if not key:
+        raise ValueError("set KVSHELF_ADMIN_KEY to the admin key (admin.key of the instances, --admin-key of a proxy)")
+    base = url.rstrip("/") if urlsplit(url).path.strip("/") else url.rstrip("/") + "/kvshelf"
+    try:
+        answer = httpx.request(method, f"{base}/{verb}", json=body, timeout=600,
+                               headers={"Authorization": f"Bearer {key}"})
+    except httpx.HTTPError as exc:
+        raise ValueError(f"cannot reach the admin API at {url}: {exc}") from None
+    try:
+        payload = answer.json()
+    except ValueError:
+        payload = {"error": answer.text[:200]}
+    print(json.dumps(payload, indent=2))
+    return 0 if answer.status_code == 200 else 1
+
+
+def _is_admin_url(store: str) -> bool:
+    return store.startswith(("http://", "https://"))
+
+
+def run_admin_verb(args: argparse.Namespace) -> int:
+    return _admin_call(args.admin_url, "POST", args.verb, _admin_prompt(args))
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    if _is_admin_url(args.store):
+        if not (args.text or args.token_ids):
+            return _admin_call(args.store, "GET", "namespaces")
+        return _admin_call(args.store, "POST", "inspect", _admin_prompt(args))
+    if args.text or args.token_ids:
+        raise ValueError("--text and --token-ids inspect a running instance: give its admin URL (http://host:port)")
     return _report_store(args, verify=not args.no_verify)
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    if _is_admin_url(args.store):
+        return _admin_call(args.store, "GET", "stats")
     return _report_store(args, verify=False)
 
 
@@ -491,6 +568,14 @@ def _without_salt(description: dict | None) -> dict | None:
 
 def run_clear(args: argparse.Namespace) -> int:
     from kvshelf.inspection import inspect_store, open_store
+
+    if _is_admin_url(args.store):
+        if args.namespace:
+            return max(_admin_call(args.store, "POST", "clear", {"namespace": namespace_id})
+                       for namespace_id in args.namespace)
+        return _admin_call(args.store, "POST", "clear", {} if args.all else _admin_prompt(args))
+    if args.text or args.token_ids:
+        raise ValueError("--text and --token-ids clear a prompt from a running instance: give its admin URL")
 
     store = open_store(args.store, args.cluster, args.config)
     try:

@@ -40,16 +40,20 @@ def connector_extra_config(
     redis_url: str | None = None,
     receive_address: str | None = None,
     lookup_address: str | None = None,
+    admin_address: str | None = None,
+    engine_url: str | None = None,
 ) -> dict:
     """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts
     (a Redis that cannot be reached too, unless redis.on_start_failure is warn).
 
     Without a config file, the defaults are a memory tier and a disk tier under KVSHELF_HOME, and
     128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise). Its redis.url has no user:password:
-    vLLM gets those through `redis_login_env`.
+    vLLM gets those through `redis_login_env`. The admin key (KVSHELF_ADMIN_KEY) reaches vLLM only through
+    its environment too.
     """
     extra = {CONFIG_FILE_KEY: config_file, "disk.path": disk_path, "memory.size": memory_size, "chunk_size": chunk_size,
-             "redis.url": redis_url, "pd.receive_address": receive_address, "lookup_address": lookup_address}
+             "redis.url": redis_url, "pd.receive_address": receive_address, "lookup_address": lookup_address,
+             "admin.address": admin_address, "admin.engine_url": engine_url if admin_address else None}
     extra = {key: value for key, value in extra.items() if value is not None}
     if config_file is None:
         extra.setdefault("disk.path", str(default_home() / "disk"))

@@ -54,7 +54,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from kvshelf.admin import bearer_is
+from kvshelf.admin import FleetAdmin, bearer_is
 from kvshelf.config import load_config
 from kvshelf.disagg.kv_index import EventIndex
 from kvshelf.errors import ConfigError
@@ -70,9 +70,10 @@ CHAT_COMPLETIONS = "/v1/chat/completions"
 API_KEY_ENV = "KVSHELF_PROXY_API_KEY"  # both in config.NON_CONFIG_ENV
 ADMIN_KEY_ENV = "KVSHELF_PROXY_ADMIN_KEY"
 STATS_PATH = "/proxy/stats"
-SPEC_FORM = "http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port][,events=tcp://host:port]"
+SPEC_FORM = ("http://host:port[,lookup=tcp://host:port][,kv=tcp://host:port][,events=tcp://host:port]"
+             "[,admin=http://host:port]")
 KV_INDEXES = ("events", "ask")
-INSTANCE_OPTIONS = ("lookup", "kv", "events")
+INSTANCE_OPTIONS = {"lookup": ("tcp",), "kv": ("tcp",), "events": ("tcp",), "admin": ("http", "https")}
 LOOKUP_TIMEOUT_S = 0.5
 TOKENIZE_TIMEOUT_S = 10.0  # routing waits this long at most; then it goes in turn
 HEALTH_TIMEOUT_S = 5.0
@@ -90,6 +91,7 @@ class Instance:
     lookup: str | None = None  # its kvshelf routing-lookup endpoint (ZeroMQ REP)
     kv: str | None = None  # a decode instance's kvshelf receive address, for the push channel
     events: str | None = None  # its vLLM KV cache event publisher (--kv-events-config endpoint), for the index
+    admin: str | None = None  # its kvshelf admin API (admin.address), for the fleet's admin API and dashboard
 
 
 def parse_instance(spec: str) -> Instance:
@@ -100,7 +102,7 @@ def parse_instance(spec: str) -> Instance:
         name, _, address = option.partition("=")
         if name not in INSTANCE_OPTIONS or name in addresses:
             raise ConfigError(f"instance {spec!r}: unknown or repeated option {option!r}; expected {SPEC_FORM}")
-        addresses[name] = _address(spec, address, "tcp")
+        addresses[name] = _address(spec, address, *INSTANCE_OPTIONS[name])
     if "events" in addresses and "lookup" not in addresses:
         raise ConfigError(f"instance {spec!r}: events= needs lookup= too (the proxy learns the instance's "
                           "namespace and what it holds there); add lookup=tcp://host:port")
@@ -575,12 +577,11 @@ def check_admin_key(request: web.Request, admin_key: str | None) -> None:
 
 
 def api_key_middleware(api_key: str):
-    # /health is for load balancers; /proxy/stats checks the admin key itself.
-    open_paths = ("/health", STATS_PATH)
-
+    # /health is for load balancers; /proxy/* check the admin key themselves; /dashboard asks for it.
     @web.middleware
     async def check_api_key(request: web.Request, handler):
-        if request.path not in open_paths and not bearer_is(request, api_key):
+        is_open = request.path in ("/health", "/dashboard") or request.path.startswith("/proxy/")
+        if not is_open and not bearer_is(request, api_key):
             raise openai_error(web.HTTPUnauthorized, "missing or wrong API key (Authorization: Bearer <key>)",
                                "authentication_error")
         return await handler(request)
@@ -602,6 +603,8 @@ def build_app(config: ProxyConfig, keyring: Keyring | None = None) -> web.Applic
     app.router.add_get("/v1/models", proxy.models)
     app.router.add_get("/health", proxy.health)
     app.router.add_get(STATS_PATH, proxy.stats)
+    FleetAdmin({instance.url: instance.admin for pool in config.pools.values() for instance in pool if instance.admin},
+               config.admin_key).add_routes(app)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     app[PROXY] = proxy  # for benchmarks and tests that time or compare its routing

@@ -392,26 +392,23 @@ class Shelf:
                 entry["chunks"][tier.name] = entry["chunks"].get(tier.name, 0) + 1
         return held
 
-    def drop(self, namespace_id: str | None = None, prompt: Prompt | None = None) -> int:
+    def drop(self, namespace_id: str | None = None, prompt: Prompt | None = None) -> dict[str, int]:
         """Drop one namespace's chunks (by id), or one prompt's, from every tier, shared ones too;
-        returns how many chunks this instance's own tiers held. Queued writes run first."""
+        returns how many each tier held (a Redis namespace: its stored objects). Queued writes run first."""
         if (namespace_id is None) == (prompt is None):
             raise ValueError("drop takes a namespace id or a prompt")
         self.flush()
         if prompt is not None:
             prompt_keys = self.chunk_keys(prompt.token_ids, prompt.namespace, prompt.mm_hashes, tail=True)
-        dropped = 0
+        dropped = {}
         for tier in self._stack.tiers:
             try:
-                if prompt is not None:
-                    keys = prompt_keys
-                elif tier.shared:
-                    tier.clear(namespace_id)
+                if prompt is None and tier.shared:
+                    dropped[tier.name] = tier.clear(namespace_id)
                     continue
-                else:
-                    keys = [key for key in tier.list_keys() if key.namespace_id == namespace_id]
-                if not tier.shared:
-                    dropped += sum(tier.contains_each(keys))
+                keys = prompt_keys if prompt is not None else [key for key in tier.list_keys()
+                                                               if key.namespace_id == namespace_id]
+                dropped[tier.name] = sum(tier.contains_each(keys))
                 tier.discard(keys)
             except TierUnavailable as exc:
                 logger.warning("kvshelf: could not drop chunks from the %s tier: %s", tier.name, exc)
