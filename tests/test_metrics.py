@@ -3,6 +3,7 @@ time saved, chunk ages, pins and per-request traces, on a real shelf (memory and
 
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -155,17 +156,29 @@ def test_pinned_chunks_survive_eviction_within_the_pin_budget(make_shelf, namesp
     assert shelf.stats()["tiers"]["memory"]["pinned_bytes"] == 0
 
 
-def test_a_trace_tells_one_requests_story_as_a_json_line(make_shelf, namespace, caplog):
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_trace_tells_one_requests_story_as_a_json_line(make_shelf, namespace):
     shelf = make_shelf(metrics_trace=True)
     tenant = Namespace(namespace.model_id, namespace.layout, cache_salt="acme-secret-salt")
     shelf.save(TOKENS[:8], random_kv(8), tenant)
     shelf.locate(Prompt(TOKENS, tenant), tail=False, request_id="r1")
     shelf.load(TOKENS, tenant, 16, request_id="r1")
     shelf.save_chunks(TOKENS, tenant, lambda index: random_kv(CHUNK_SIZE, seed=index), start=8, request_id="r1")
-    with caplog.at_level(logging.INFO, logger="kvshelf.trace"):
+    lines = Lines()
+    logging.getLogger("kvshelf.trace").addHandler(lines)
+    try:
         shelf.tracer.finish("r1")
-    [record] = [r for r in caplog.records if r.name == "kvshelf.trace"]
-    line = record.getMessage()
+    finally:
+        logging.getLogger("kvshelf.trace").removeHandler(lines)
+    [line] = lines.lines
     trace = json.loads(line.removeprefix("kvshelf trace "))
     assert trace["request_id"] == "r1" and trace["tenant"] == shelf.keyring.salt_tag("acme-secret-salt")
     assert (trace["prompt_tokens"], trace["hit_tokens"], trace["lookup_chunks"]) == (18, 8, {"memory": 2})
@@ -180,3 +193,65 @@ def test_without_tracing_nothing_is_kept(make_shelf, namespace):
     shelf = make_shelf()
     shelf.locate(Prompt(TOKENS, namespace), request_id="r1")
     assert shelf.tracer.trace("r1") is None and shelf.tracer.finish("r1") is None
+
+
+def test_with_metrics_off_only_the_counters_are_kept(make_shelf, namespace):
+    shelf = make_shelf(metrics_enabled=False)
+    tenant = Namespace(namespace.model_id, namespace.layout, cache_salt="acme")
+    shelf.save(TOKENS, random_kv(len(TOKENS)), tenant)
+    shelf.locate(Prompt(TOKENS, tenant), request_id="r1")
+    shelf.load(TOKENS, tenant, 16, request_id="r1")
+    shelf.metrics.first_token("r1", True)
+    stats = shelf.stats()
+    assert stats["hit_tokens"] == 16 and stats["tenants"] == {} and stats["misses_by_reason"]["partial_chunk"] == 2
+    text = exposition(shelf)
+    assert "kvshelf_lookup_tokens_total" in text and "_seconds_bucket" not in text
+
+
+def test_tracing_needs_metrics_on(make_shelf):
+    from kvshelf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="metrics.enabled"):
+        make_shelf(metrics_enabled=False, metrics_trace=True)
+
+
+def test_traces_go_to_an_otlp_collector_as_spans(make_shelf, namespace):
+    """The real OTLP/HTTP exporter, against a receiver that decodes what it posts (protobuf)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            received.extend(span for resource in request.resource_spans for scope in resource.scope_spans
+                            for span in scope.spans)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        shelf = make_shelf(metrics_otlp_endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces")
+        shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+        shelf.locate(Prompt(TOKENS, namespace), request_id="r7")
+        shelf.load(TOKENS, namespace, 16, request_id="r7")
+        shelf.tracer.finish("r7")
+        shelf.tracer.close()  # flushes the batch
+    finally:
+        server.shutdown()
+    spans = {span.name: span for span in received}
+    assert set(spans) == {"kvshelf.request", "kvshelf.lookup", "kvshelf.load"}
+    root = spans["kvshelf.request"]
+    assert spans["kvshelf.load"].parent_span_id == root.span_id and spans["kvshelf.load"].trace_id == root.trace_id
+    attributes = {attribute.key: attribute.value for attribute in root.attributes}
+    assert attributes["kvshelf.request_id"].string_value == "r7"
+    assert attributes["kvshelf.loaded_tokens"].int_value == 16

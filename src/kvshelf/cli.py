@@ -121,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     stalls.add_argument("--out", default="out/stalls")
     stalls.set_defaults(handler=run_stalls_bench)
 
+    metrics = benches.add_parser("metrics", help="the metrics' and traces' cost on the hit path: TTFT off vs on")
+    metrics.add_argument("--num-docs", type=int, default=3)
+    metrics.add_argument("--doc-tokens", type=int, default=1024)
+    metrics.add_argument("--rounds", type=int, default=5)
+    metrics.add_argument("--out", default="out/metrics")
+    metrics.set_defaults(handler=run_metrics_bench)
+
     tier_hits = benches.add_parser("tier-hits", help="a prompt's hit from memory, disk and Redis, in a fresh process")
     tier_hits.add_argument("--tokens", type=int, default=1900, help="prompt tokens (46 KB of KV each)")
     tier_hits.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the first is reported apart")
@@ -340,6 +347,15 @@ def run_pd_bench(args: argparse.Namespace) -> int:
                          long_prompt_tokens=args.long_prompt_tokens, long_interval_s=args.interval)
     summary = pd_bench(Path(args.out), spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
     return _report(Path(args.out), summary, pd_table(summary), {"pd.png": plot_pd})
+
+
+def run_metrics_bench(args: argparse.Namespace) -> int:
+    from kvshelf.bench.metrics_overhead import metrics_table, run_metrics_overhead
+
+    out = Path(args.out)
+    summary = run_metrics_overhead(out, args.num_docs, args.doc_tokens, args.rounds,
+                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return _report(out, summary, metrics_table(summary), leave_out=())
 
 
 def run_compat_bench(args: argparse.Namespace) -> int:

@@ -138,6 +138,7 @@ class TransferConfig:
 class MetricsConfig:
     """What the shelf tells operators beyond its counters (kvshelf.metrics, kvshelf.trace)."""
 
+    enabled: bool = True  # False: the plain counters only (no histograms, tenants, TTFT or traces)
     trace: bool = False  # each request's story as one JSON line on the kvshelf.trace logger
     otlp_endpoint: str | None = None  # and as OpenTelemetry spans to this OTLP/HTTP collector
     max_tenants: int = 32  # tenants with labels of their own; later ones are counted as "other"
@@ -328,6 +329,8 @@ def _build(values: dict[str, Any], home: Path) -> ShelfConfig:
     transfer = TransferConfig(**_section(parsed, "transfer"))
     admission = AdmissionConfig(**_section(parsed, "admission"))
     metrics = MetricsConfig(**_section(parsed, "metrics"))
+    if not metrics.enabled and (metrics.trace or metrics.otlp_endpoint):
+        raise ConfigError("metrics.trace and metrics.otlp_endpoint need metrics.enabled: true")
     admin = AdminConfig(**_section(parsed, "admin"))
     if admin.address is not None and admin.key is None:
         raise ConfigError("admin.address needs admin.key (or KVSHELF_ADMIN_KEY): the admin API clears and pins "
@@ -664,6 +667,7 @@ KEYS: dict[str, Parser] = {
     "transfer.load_or_recompute": _boolean,
     "admission.min_tokens": _whole_number("tokens", 0, 1 << 30),
     "admission.min_sightings": _whole_number("sightings", 1, 1000),
+    "metrics.enabled": _boolean,
     "metrics.trace": _boolean,
     "metrics.otlp_endpoint": _http_url,
     "metrics.max_tenants": _whole_number("tenants", 1, 10_000),

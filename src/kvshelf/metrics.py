@@ -86,16 +86,20 @@ class ShelfMetrics:
 
     `tiers` is set by the shelf once its tier stack exists."""
 
-    def __init__(self, counters: ShelfCounters, max_tenants: int = 32) -> None:
+    def __init__(self, counters: ShelfCounters, max_tenants: int = 32, enabled: bool = True) -> None:
+        """`enabled` False: histograms, tenants and TTFT are not kept (their calls cost nothing)."""
         self.counters = counters
         self.tiers: Sequence[Tier] = ()
+        self.enabled = enabled
         self._max_tenants = max_tenants
         self._lock = threading.Lock()
         self.registry = CollectorRegistry()
         self.registry.register(_CounterCollector(self))
 
         def histogram(name: str, documentation: str, labels: Sequence[str] = ("tier",),
-                      buckets: Sequence[float] = LATENCY_BUCKETS_S) -> Histogram:
+                      buckets: Sequence[float] = LATENCY_BUCKETS_S) -> Histogram | _Unobserved:
+            if not enabled:
+                return _Unobserved()
             return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
 
         self.lookup_seconds = histogram("kvshelf_lookup_seconds", "Time to ask a tier which chunks it holds")
@@ -113,6 +117,8 @@ class ShelfMetrics:
                                              "them (evicted, or cleared)", buckets=AGE_BUCKETS_S)
 
     def request_started(self, request_id: str) -> None:
+        if not self.enabled:
+            return
         with self._lock:
             self._started[request_id] = time.perf_counter()
             while len(self._started) > MAX_STARTED_REQUESTS:
@@ -128,6 +134,8 @@ class ShelfMetrics:
     def ttft_summary(self) -> dict[str, dict[str, float]]:
         """Per hit ("true", "false"): how many first tokens were timed, and their seconds in all."""
         summary = {"true": {"count": 0, "sum_s": 0.0}, "false": {"count": 0, "sum_s": 0.0}}
+        if not self.enabled:
+            return summary
         for family in self.ttft_seconds.collect():
             for sample in family.samples:
                 hit = sample.labels.get("hit")
@@ -139,6 +147,8 @@ class ShelfMetrics:
 
     def tenant(self, salt_tag: str | None) -> TenantCounters:
         """The counters of the tenant whose cache_salt has keyed tag `salt_tag` (None: no salt)."""
+        if not self.enabled:
+            return TenantCounters()  # counted nowhere
         label = NO_TENANT if salt_tag is None else salt_tag
         tenants = self.counters.tenants
         found = tenants.get(label)
@@ -184,6 +194,16 @@ class ShelfMetrics:
                 for tier in self.tiers
             },
         }
+
+
+class _Unobserved:
+    """A histogram that keeps nothing (metrics.enabled: false)."""
+
+    def labels(self, *values: str) -> "_Unobserved":
+        return self
+
+    def observe(self, value: float) -> None:
+        pass
 
 
 # Per-tier statistics of `ShelfMetrics.snapshot` -> (metric, description, kind).

@@ -63,6 +63,13 @@ class Tracer:
         self._open: OrderedDict[str, RequestTrace] = OrderedDict()
         self._lock = threading.Lock()
         self._log_lines = enabled
+        if enabled and not logger.handlers:
+            # Engines configure their own loggers, not ours: the lines go to stderr whatever they set.
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
         self._otel, self._provider = _otel_tracer(otlp_endpoint, service_name) if otlp_endpoint else (None, None)
 
     def trace(self, request_id: str | None) -> RequestTrace | None:
@@ -109,6 +116,7 @@ class Tracer:
         """Export the spans still batched."""
         if self._provider is not None:
             self._provider.shutdown()
+            self._provider = self._otel = None
 
 
 def now_ns() -> int:

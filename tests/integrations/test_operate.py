@@ -162,6 +162,7 @@ def traffic(instance, prometheus):
             instance.redis.client().setrange(name, 200, b"\xff" * 16)
     # Other traffic evicts everything unpinned from memory.
     seen["flood"] = {seed: instance.complete(prompt(seed)) for seed in (4, 5, 6)}
+    seen["redis_hit"] = instance.complete(prompt(4))  # evicted from memory by now, still in Redis
     seen["pinned_hit"] = instance.complete(prompt(0))
     seen["corrupt_again"] = instance.complete(prompt(3))
     # The tenant's chunks, evicted from memory, expired in Redis.
@@ -170,7 +171,7 @@ def traffic(instance, prometheus):
     # Redis goes down: misses for tier_down, writes dropped; answers stay right.
     instance.redis.stop()
     seen["redis_down_cold"] = instance.complete(prompt(7))
-    seen["redis_down_again"] = instance.complete(prompt(4))
+    seen["redis_down_again"] = instance.complete(prompt(5))
     time.sleep(3)  # Prometheus scrapes the last counts
     return seen
 
@@ -196,7 +197,8 @@ def test_answers_with_hits_are_the_computed_answers(traffic):
     assert pinned_answer == cold_tokens and pinned_loaded >= 2 * CHUNK_SIZE
     assert traffic["corrupt_again"] == (traffic["corrupt_cold"][0], 0)  # promised, failed verification, recomputed
     assert traffic["expired"] == (traffic["tenant_cold"][0], 0)
-    assert traffic["redis_down_again"] == (traffic["flood"][4][0], 0)
+    assert traffic["redis_hit"] == (traffic["flood"][4][0], 3 * CHUNK_SIZE)
+    assert traffic["redis_down_again"] == (traffic["flood"][5][0], 0)
 
 
 def test_metrics_tell_why_each_miss_happened(instance, traffic):
@@ -205,7 +207,7 @@ def test_metrics_tell_why_each_miss_happened(instance, traffic):
               ("not_stored", "evicted", "expired", "corrupt", "tier_down", "partial_chunk")}
     assert all(count > 0 for count in misses.values()), misses
     assert metrics['kvshelf_tier_hit_tokens_total{tier="memory"}'] > 0
-    assert metrics['kvshelf_tier_hit_tokens_total{tier="redis"}'] >= 3 * CHUNK_SIZE  # the corrupt prompt's
+    assert metrics['kvshelf_tier_hit_tokens_total{tier="redis"}'] >= 6 * CHUNK_SIZE  # a hit, and the corrupt one
     assert metrics['kvshelf_corrupt_chunks_total{tier="redis"}'] >= 1
     assert metrics['kvshelf_tier_errors_total{tier="redis"}'] >= 1 and metrics["kvshelf_dropped_writes_total"] >= 1
     for histogram in ("lookup", "load", "decode", "store"):

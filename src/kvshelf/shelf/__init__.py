@@ -84,7 +84,7 @@ class Shelf:
         if self.config.redis is not None:
             lower.append(self._connect_redis(self.config.redis))
         counters = ShelfCounters()
-        self.metrics = ShelfMetrics(counters, self.config.metrics.max_tenants)
+        self.metrics = ShelfMetrics(counters, self.config.metrics.max_tenants, self.config.metrics.enabled)
         history = ChunkHistory(self.config.redis.ttl_s if self.config.redis is not None else None)
         self._stack = TierStack(MemoryTier(self.config.memory.size_bytes), lower, self.metrics,
                                 self.config.tier_backoff_s, self.keyring, history)
@@ -163,6 +163,8 @@ class Shelf:
         # Tokens of chunks that have keys but no tier holds, and those of a partial last chunk no key names.
         keyed_tokens = self.chunking.prefix_tokens(len(keys), num_tokens)
         reason = self._stack.missing_reason(keys[len(located)]) if len(located) < len(keys) else None
+        if reason == "not_stored" and len(located) == self.chunking.floor(num_tokens) // self.chunk_size:
+            reason = "partial_chunk"  # a tail's key, and only a prefill instance stores tails
         if reason is not None:
             counters.miss_tokens[reason] += keyed_tokens - hit_tokens
         if keyed_tokens < num_tokens:
@@ -183,7 +185,9 @@ class Shelf:
                                                                       "chunks": trace.lookup_chunks}))
 
     def _tenant_label(self, namespace: Namespace) -> str | None:
-        return None if namespace.cache_salt is None else self.keyring.salt_tag(namespace.cache_salt)
+        if namespace.cache_salt is None or not self.metrics.enabled:
+            return None
+        return self.keyring.salt_tag(namespace.cache_salt)
 
     def holds(self, prompt: Prompt, num_tokens: int) -> bool:
         """Whether the shelf holds the prompt's first `num_tokens` (a stored tail counts); not counted
