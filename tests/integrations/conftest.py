@@ -22,3 +22,13 @@ def corpus_ids(bundled):
     from kvshelf.bench.documents import stdlib_corpus
 
     return bundled[1](stdlib_corpus()[:40_000], add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def vllm_alone():
+    """vLLM without kvshelf, one engine for the session: `vllm_alone(requests)` -> results."""
+    from tests.integrations.vllm_runner import ReferenceEngine
+
+    engine = ReferenceEngine()
+    yield engine.results
+    engine.close()

@@ -40,11 +40,11 @@ def prompts(corpus_ids):
 
 
 @pytest.fixture(scope="module")
-def scenario(prompts, tmp_path_factory):
+def scenario(prompts, tmp_path_factory, vllm_alone):
     disk_path = tmp_path_factory.mktemp("vllm-disk")
     extra_config = {"chunk_size": CHUNK_SIZE, "disk.path": str(disk_path), "model_id": "smollm2-test"}
     plain = [{"prompt_token_ids": ids} for ids in prompts.values()]
-    reference = dict(zip(prompts, run_engine(None, plain)))
+    reference = dict(zip(prompts, vllm_alone(plain)))
     engine_a = run_engine(extra_config, [
         {"prompt_token_ids": prompts["doc"]},
         {"prompt_token_ids": prompts["doc"]},

@@ -14,14 +14,14 @@ from kvshelf import load_config
 from kvshelf.bench.redis_servers import RedisServer
 from kvshelf.ports import free_port, sign_push_to
 from kvshelf.security import Keyring
-from tests.integrations.vllm_runner import engine_results, run_engine, start_engine, wait_for
+from tests.integrations.vllm_runner import engine_results, start_engine, wait_for
 
 CHUNK_SIZE = 128
 PROMPT_TOKENS = 300  # 2 full chunks and a tail of 44
 
 
 @pytest.fixture(scope="module")
-def scenario(corpus_ids, tmp_path_factory):
+def scenario(corpus_ids, tmp_path_factory, vllm_alone):
     work = tmp_path_factory.mktemp("vllm-pd")
     barriers = work / "barriers"
     barriers.mkdir()
@@ -33,7 +33,7 @@ def scenario(corpus_ids, tmp_path_factory):
     keyring = Keyring.from_config(load_config().security)  # the engines' key: the same default key file
     server = RedisServer(work).start()
     try:
-        reference = run_engine(None, [{"prompt_token_ids": ids} for ids in prompts.values()])
+        reference = vllm_alone([{"prompt_token_ids": ids} for ids in prompts.values()])
         common = {"chunk_size": CHUNK_SIZE, "redis.url": server.url, "model_id": "smollm2-test",
                   "tier_backoff_s": 60, "redis.timeout_s": 0.5}
 

@@ -26,13 +26,13 @@ def prompts(corpus_ids):
 
 
 @pytest.fixture(scope="module")
-def scenario(prompts, tmp_path_factory):
+def scenario(prompts, tmp_path_factory, vllm_alone):
     work = tmp_path_factory.mktemp("vllm-redis")
     barriers = work / "barriers"
     barriers.mkdir()
     server = RedisServer(work).start()
     try:
-        reference = dict(zip(prompts, run_engine(None, [{"prompt_token_ids": ids} for ids in prompts.values()])))
+        reference = dict(zip(prompts, vllm_alone([{"prompt_token_ids": ids} for ids in prompts.values()])))
         # A chunk of the bundled model is 5.6 MiB: the memory tier holds one, so hits come from Redis.
         extra_config = {"chunk_size": CHUNK_SIZE, "redis.url": server.url, "memory.size": "6MiB",
                         "tier_backoff_s": BACKOFF_S, "model_id": "smollm2-test"}

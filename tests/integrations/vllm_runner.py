@@ -9,6 +9,8 @@ JOB_JSON: {"extra_config": {...} or null (no kvshelf), "kv_role": "kv_both", "re
                                                        "kv_transfer_params" (as a server's request would carry)
     {"batch": [request, ...]}                          requests run together (one result each)
     {"barrier": NAME}                                  create NAME.reached in barrier_dir, wait for NAME.go
+    python vllm_runner.py --serve            ->  one engine without kvshelf, answering job after job:
+                                                 a line {"requests": [STEP, ...]} in, a RESULT line out
 vLLM starts worker processes, so it must run under a __main__ guard, never at import.
 """
 
@@ -23,7 +25,11 @@ MAX_NEW_TOKENS = 12
 
 
 def main(job: dict) -> list[dict]:
-    from vllm import LLM, SamplingParams
+    return run_requests(make_llm(job), job)
+
+
+def make_llm(job: dict):
+    from vllm import LLM
 
     from kvshelf.models import bundled_model_dir
 
@@ -41,7 +47,12 @@ def main(job: dict) -> list[dict]:
         from kvshelf.bench.zoo import zoo_model_dir
 
         llm_args["model"] = str(zoo_model_dir(job["zoo_family"]))
-    llm = LLM(**llm_args, kv_transfer_config=transfer_config)
+    return LLM(**llm_args, kv_transfer_config=transfer_config)
+
+
+def run_requests(llm, job: dict) -> list[dict]:
+    from vllm import SamplingParams
+
     results = []
     for step in job["requests"]:  # in order: each step sees what the previous ones saved
         if "barrier" in step:
@@ -101,8 +112,41 @@ def run_engine(extra_config: dict | None, requests: list[dict], **job_fields) ->
     return engine_results(start_engine(extra_config, requests, **job_fields))
 
 
+class ReferenceEngine:
+    """vLLM alone (no kvshelf), in one process for a whole test session: what cached runs must
+    reproduce. Started on first use; each `results` call is one job's requests, run in order."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+
+    def results(self, requests: list[dict]) -> list[dict]:
+        if self._process is None:
+            self._process = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True)
+        self._process.stdin.write(json.dumps({"requests": requests}) + "\n")
+        self._process.stdin.flush()
+        while line := self._process.stdout.readline():
+            if line.startswith("RESULT "):
+                return json.loads(line.removeprefix("RESULT "))
+        raise RuntimeError(f"the reference engine exited with {self._process.wait()}")
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.stdin.close()
+            self._process.wait(timeout=120)
+
+
+def serve() -> None:
+    llm = make_llm({"extra_config": None})
+    for line in sys.stdin:
+        print("RESULT " + json.dumps(run_requests(llm, json.loads(line))), flush=True)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if sys.argv[1] == "--serve":
+        serve()
+        sys.exit(0)
     job = json.loads(sys.argv[1])
     os.environ.update(job.get("env", {}))
     print("RESULT " + json.dumps(main(job)), flush=True)
