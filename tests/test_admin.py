@@ -1,5 +1,6 @@
 """The admin API over a real shelf (memory and disk tiers), served on a real port."""
 
+import asyncio
 import dataclasses
 
 import httpx
@@ -175,3 +176,51 @@ def test_a_namespace_named_in_the_stats_is_the_tenants_tag_only(admin):
     shelf.lookup(TOKENS, tenant)
     text = client.get("/kvshelf/stats", headers=ADMIN).text + client.get("/metrics", headers=ADMIN).text
     assert "tenant-secret-salt" not in text and shelf.keyring.salt_tag("tenant-secret-salt") in text
+
+
+def test_the_proxy_serves_the_fleets_admin_api_and_dashboard(make_shelf, namespace):
+    asyncio.run(_fleet(make_shelf, namespace))
+
+
+async def _fleet(make_shelf, namespace) -> None:
+    from tests.test_proxy import ADMIN as PROXY_ADMIN
+    from tests.test_proxy import ADMIN_KEY as PROXY_ADMIN_KEY
+    from tests.test_proxy import Cluster
+
+    shelves, servers = [], []
+    for _ in range(2):
+        shelf = make_shelf()
+        shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+        target = AdminTarget(shelf, lambda salt: dataclasses.replace(namespace, cache_salt=salt))
+        servers.append(AdminServer(AdminAPI(target, PROXY_ADMIN_KEY).app(), "127.0.0.1", free_port()))
+        shelves.append(shelf)
+    try:
+        async with Cluster() as cluster:
+            fakes = [await cluster.instance(name) for name in ("a", "b", "c")]
+            admin_urls = [server.url for server in servers] + [f"http://127.0.0.1:{free_port()}"]  # c is down
+            instances = tuple(dataclasses.replace(fake.instance, admin=url) for fake, url in zip(fakes, admin_urls))
+            proxy = await cluster.proxy(instances=instances, api_key="client-key")
+            for headers in ({}, {"Authorization": "Bearer client-key"}):
+                assert (await proxy.get("/proxy/admin/stats", headers=headers)).status == 401
+            stats = (await (await proxy.get("/proxy/admin/stats", headers=PROXY_ADMIN)).json())["instances"]
+            assert [stats[fake.url].get("tiers", {}).get("memory", {}).get("stored_bytes") for fake in fakes] == [
+                4 * CHUNK_BYTES, 4 * CHUNK_BYTES, None]
+            assert "unreachable" in stats[fakes[2].url]["error"]
+            answer = await proxy.post("/proxy/admin/inspect", headers=PROXY_ADMIN, json={"token_ids": TOKENS})
+            where = (await answer.json())["instances"]
+            assert [chunk["tiers"][:1] for chunk in where[fakes[0].url]["chunks"]] == [["memory"]] * 4 + [[]]
+            cleared = await proxy.post("/proxy/admin/clear", headers=PROXY_ADMIN, json={})
+            assert (await cleared.json())["instances"][fakes[1].url] == {"cleared": True}
+            assert all(shelf.lookup(TOKENS, namespace) == 0 for shelf in shelves)
+            page = await proxy.get("/dashboard")  # the page is open; its data needs the admin key
+            assert page.status == 200 and "/proxy/admin/stats" in await page.text()
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_a_port_in_use_is_an_error_that_says_what_to_change(admin, namespace):
+    shelf, client = admin
+    port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
+    with pytest.raises(ValueError, match="admin.address"):
+        AdminServer(AdminAPI(AdminTarget(shelf, lambda salt: namespace), ADMIN_KEY).app(), "127.0.0.1", port)

@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -281,22 +282,39 @@ async def read_json(request: web.Request) -> dict:
 
 
 class AdminServer:
-    """An aiohttp application served on its own thread and event loop (inside an engine's process)."""
+    """An aiohttp application served on a thread and event loop of its own (inside an engine's process)."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
         self._loop = asyncio.new_event_loop()
         self._runner = web.AppRunner(app, access_log=None)
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kvshelf-admin", daemon=True)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, host, port).start())
+        started: Future = Future()
+        self._thread = threading.Thread(target=self._serve, args=(host, port, started), name="kvshelf-admin",
+                                        daemon=True)
         self._thread.start()
+        try:
+            started.result(timeout=60)
+        except OSError as exc:
+            self._thread.join()
+            raise ValueError(f"kvshelf admin API: cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
+                             "another admin.address (kvshelf serve --admin-port)") from None
         self.url = f"http://{host}:{port}"
         logger.info("kvshelf: admin API, /metrics and /dashboard on %s", self.url)
 
-    def close(self) -> None:
-        if not self._thread.is_alive():
+    def _serve(self, host: str, port: int, started: Future) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._runner.setup())
+            self._loop.run_until_complete(web.TCPSite(self._runner, host, port).start())
+        except Exception as exc:  # noqa: BLE001 - handed to the starting thread, which reports it
+            started.set_exception(exc)
+            self._loop.close()
             return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        started.set_result(None)
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
         self._loop.close()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)

@@ -544,11 +544,20 @@ def _key_prefix(key: str, value: Any) -> str:
     return text
 
 
-def _zmq_address(key: str, value: Any) -> str:
-    text = str(value).strip()
-    if not re.fullmatch(r"tcp://[^\s:/]+:\d{1,5}|ipc://\S+", text):
-        raise ConfigError(f"{key} must be tcp://host:port (or ipc://path), got {value!r}")
-    return text
+def _matching(pattern: str, form: str) -> Parser:
+    """A parser of text matching `pattern` (described to the user as `form`)."""
+
+    def parse(key: str, value: Any) -> str:
+        text = str(value).strip()
+        if not re.fullmatch(pattern, text):
+            raise ConfigError(f"{key} must be {form}, got {value!r}")
+        return text
+
+    return parse
+
+
+_zmq_address = _matching(r"tcp://[^\s:/]+:\d{1,5}|ipc://\S+", "tcp://host:port (or ipc://path)")
+_http_url = _matching(r"https?://\S+", "an http:// or https:// URL")
 
 
 def _host_port(key: str, value: Any) -> str:
@@ -557,12 +566,6 @@ def _host_port(key: str, value: Any) -> str:
         raise ConfigError(f"{key} must be host:port (e.g. 127.0.0.1:8101), got {value!r}")
     return text
 
-
-def _http_url(key: str, value: Any) -> str:
-    text = str(value).strip()
-    if not re.fullmatch(r"https?://\S+", text):
-        raise ConfigError(f"{key} must be an http:// or https:// URL, got {value!r}")
-    return text
 
 
 def _transfer_mode(key: str, value: Any) -> str:

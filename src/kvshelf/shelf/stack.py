@@ -105,15 +105,14 @@ class TierStack:
         self._metrics.lookup_seconds.labels(tier.name).observe(time.perf_counter() - started_s)
         return found
 
-    def any_down(self, shared: bool = True) -> bool:
-        """Whether a lower tier's reads are backing off now (without `shared`: of this instance's own)."""
-        return any(not slot.is_up(READ) for slot in self.lower if shared or not slot.tier.shared)
+    def missing_reason(self, key: ChunkKey) -> str:
+        """Why `key`, which no tier holds, is missing (a kvshelf.metrics.MISS_REASONS name): a lower
+        tier whose reads back off may hold it."""
+        if any(not slot.is_up(READ) for slot in self.lower):
+            return "tier_down"
+        return self.history.reason(key)
 
-    def missing_reason(self, key: ChunkKey, shared: bool = True) -> str:
-        """Why `key`, which no tier holds, is missing (a kvshelf.metrics.MISS_REASONS name)."""
-        return "tier_down" if self.any_down(shared) else self.history.reason(key)
-
-    def get_prefix(self, keys: Sequence[ChunkKey], expected: Sequence[Expected]) -> "Prefix":
+    def get_prefix(self, keys: Sequence[ChunkKey], expected: Sequence[Expected]) -> Prefix:
         """Chunks of the longest leading run of `keys` that can be read and verified; `expected[i]`
         is what the i-th must be."""
         started_s = time.perf_counter()
