@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import json
 
 import httpx
 import pytest
@@ -96,6 +97,7 @@ def test_pin_keeps_a_prefix_through_traffic_within_the_budget(admin, namespace):
     shelf.save(TOKENS, kv, namespace)
     answer = client.post("/kvshelf/pin", headers=ADMIN, json={"token_ids": TOKENS}).json()
     assert answer["pinned_tokens"] == 8 and answer["pinned_bytes"] == 2 * CHUNK_BYTES  # the budget: 2 chunks
+    shelf.flush()
     shelf._stack.lower[0].tier.clear()  # the disk copy gone: only the pins keep it
     for seed in range(12):
         shelf.save([seed] * 4, random_kv(4, seed=seed), namespace)
@@ -224,3 +226,29 @@ def test_a_port_in_use_is_an_error_that_says_what_to_change(admin, namespace):
     port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
     with pytest.raises(ValueError, match="admin.address"):
         AdminServer(AdminAPI(AdminTarget(shelf, lambda salt: namespace), ADMIN_KEY).app(), "127.0.0.1", port)
+
+
+def test_the_cli_talks_to_a_running_instance(admin, namespace, capsys, monkeypatch):
+    from kvshelf.cli import main
+
+    shelf, client = admin
+    url = str(client.base_url).rstrip("/")
+    shelf.save(TOKENS, random_kv(len(TOKENS)), namespace)
+    monkeypatch.delenv("KVSHELF_ADMIN_KEY", raising=False)
+    assert main(["stats", url]) == 2
+    assert "KVSHELF_ADMIN_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("KVSHELF_ADMIN_KEY", "a-client-key")
+    assert main(["stats", url]) == 1 and "admin key" in capsys.readouterr().out
+    monkeypatch.setenv("KVSHELF_ADMIN_KEY", ADMIN_KEY)
+    assert main(["stats", url]) == 0
+    assert json.loads(capsys.readouterr().out)["tiers"]["memory"]["stored_bytes"] == 4 * CHUNK_BYTES
+    token_ids = ",".join(map(str, TOKENS))
+    assert main(["pin", url, "--token-ids", token_ids]) == 0
+    assert json.loads(capsys.readouterr().out)["pinned_tokens"] == 8
+    assert main(["inspect", url, "--token-ids", token_ids]) == 0
+    assert len(json.loads(capsys.readouterr().out)["chunks"]) == 5
+    assert main(["inspect", url]) == 0
+    assert namespace.id(shelf.keyring) in json.loads(capsys.readouterr().out)["namespaces"]
+    assert main(["clear", url, "--token-ids", token_ids]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped_chunks"]["memory"] == 4
+    assert main(["clear", url, "--all"]) == 0 and shelf.lookup(TOKENS, namespace) == 0
