@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvshelf import children
@@ -37,6 +37,7 @@ class ServerSpec:
     argv: list[str]
     sidecar_argv: list[str] | None = None  # a store the server needs, started first (LMCache's server)
     chunked_prefill: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # more environment (e.g. the cores it may use)
 
 
 def free_port() -> int:
@@ -106,7 +107,7 @@ def port_of(argv: list[str]) -> int:
 
 @contextlib.contextmanager
 def running(spec: ServerSpec, log_path: Path) -> Iterator[CompletionClient]:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **spec.env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         sidecar = spec.sidecar_argv and children.start(spec.sidecar_argv, env, log)

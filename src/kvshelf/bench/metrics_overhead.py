@@ -3,9 +3,11 @@
 Two measurements, each side by side in one run:
 - vLLM: two `kvshelf serve` instances up at once, one with `metrics.enabled: false` (the plain
   counters only), one with everything on (histograms, tenants, TTFT, a JSON trace line per
-  request). Each document is computed once on each, then asked again round after round,
-  alternating which instance goes first; one request at a time, so the idle one takes no CPU.
-  Reported: median TTFT of the memory hits, and on/off.
+  request), each on a core of its own (VLLM_CPU_OMP_THREADS_BIND: an idle vLLM's OpenMP threads
+  keep spinning a while, and on shared cores would slow the other's step). Each document is
+  computed once on each, then asked again round after round, alternating which instance goes
+  first, one request at a time. Reported: median TTFT of the memory hits (every one checked to
+  be a hit of the whole stored prefix), and on/off.
 - the shelf alone: a memory hit of a prompt of the bundled model's KV (locate, load, finish the
   request's trace) in two shelves, off and on, interleaved many times: the cost in microseconds,
   without the noise of a whole engine step.
@@ -45,12 +47,14 @@ def vllm_hit_overhead(out_dir: Path, num_docs: int, doc_tokens: int, rounds: int
     from transformers import AutoTokenizer
 
     docs = Texts(AutoTokenizer.from_pretrained(bundled_model_dir())).windows(num_docs, doc_tokens)
-    vllm_args = ["--max-model-len", str(doc_tokens + 256), "--no-enable-prefix-caching"]
+    vllm_args = ["--max-model-len", str(doc_tokens + 256), "--no-enable-prefix-caching",
+                 "--enable-prompt-tokens-details"]
     ttft: dict[str, list[float]] = {mode: [] for mode in MODES}
     progress("starting two vLLM servers with kvshelf: metrics off and on")
+    cores = {mode: str(index % os.cpu_count()) for index, mode in enumerate(MODES)}
     specs = {mode: ServerSpec(f"metrics-{mode}", vllm_serve_argv(
         None, "127.0.0.1", free_port(), connector_extra_config(None, str(out_dir / mode / "disk"), "2GiB", None)
-        | settings, vllm_args))
+        | settings, vllm_args), env={"VLLM_CPU_OMP_THREADS_BIND": cores[mode]})
         for mode, settings in MODES.items()}
     logs = out_dir / "logs"
     with running(specs["off"], logs / "off.log") as off, running(specs["on"], logs / "on.log") as on:
@@ -64,6 +68,8 @@ def vllm_hit_overhead(out_dir: Path, num_docs: int, doc_tokens: int, rounds: int
             for doc in docs:
                 for mode in order:
                     completion = clients[mode].complete(doc + QUESTION, max_tokens=4)
+                    if not completion.num_cached_tokens:
+                        raise RuntimeError(f"a memory hit expected, the {mode} server computed the whole prompt")
                     ttft[mode].append(completion.ttft_s)
     medians = {mode: statistics.median(values) for mode, values in ttft.items()}
     return {"num_docs": num_docs, "doc_tokens": doc_tokens, "rounds": rounds,
