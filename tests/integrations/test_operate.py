@@ -20,18 +20,25 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
 from kvshelf.bench.redis_servers import RedisServer
 from kvshelf.children import stop
+from kvshelf.codecs.framing import frame
+from kvshelf.codecs.raw import RawCodec
+from kvshelf.config import load_config
 from kvshelf.disagg.launch import start_process, wait_healthy
+from kvshelf.layout import KVLayout
 from kvshelf.ports import free_port
+from kvshelf.security import Keyring
 from tests.integrations.test_vllm_model_identity import prompt_tokens_by_source
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CHUNK_SIZE = 64
-CHUNK_BYTES = CHUNK_SIZE * 46080  # the bundled model's KV: 30 layers x 2 x 3 heads x 64 x 4 bytes a token
+LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64)  # the bundled model's KV, float32
+CHUNK_BYTES = LAYOUT.bytes_per_token * CHUNK_SIZE
 ADMIN_KEY = "operators-admin-key-for-this-test"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 REDIS_TTL_S = 15
@@ -46,9 +53,15 @@ def prompt(seed: int) -> list[int]:
     return [generator.randrange(1000, 40000) for _ in range(PROMPT_TOKENS)]
 
 
+class NewerCodec(RawCodec):
+    """A codec id this kvshelf does not know, as a newer version would write."""
+
+    id = 200
+
+
 class Instance:
-    def __init__(self, url: str, admin_url: str, redis: RedisServer, log: Path) -> None:
-        self.url, self.admin_url, self.redis, self.log = url, admin_url, redis, log
+    def __init__(self, url: str, admin_url: str, redis: RedisServer, log: Path, home: Path) -> None:
+        self.url, self.admin_url, self.redis, self.log, self.home = url, admin_url, redis, log, home
 
     def complete(self, prompt_ids: list[int] | str, cache_salt: str | None = None) -> tuple[list[int], float]:
         """The answer's tokens, and the prompt tokens kvshelf supplied for it."""
@@ -90,7 +103,7 @@ def instance(tmp_path_factory):
         try:
             wait_healthy(f"http://127.0.0.1:{port}", process, work / "serve")
             yield Instance(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", redis,
-                           (work / "serve").with_suffix(".log"))
+                           (work / "serve").with_suffix(".log"), work / "home")
         finally:
             stop(process)
 
@@ -160,11 +173,23 @@ def traffic(instance, prometheus):
     for name in set(instance.redis.client().keys("*")) - names_before:
         if not name.endswith(b":namespace"):
             instance.redis.client().setrange(name, 200, b"\xff" * 16)
+    # Prompt 8's chunks in Redis replaced by authentic ones of a codec this kvshelf lacks (a newer
+    # version's, during a rolling upgrade): left alone, and recomputed.
+    names_before = set(instance.redis.client().keys("*"))
+    seen["foreign_cold"] = instance.complete(prompt(8))
+    _wait_for(lambda: len(set(instance.redis.client().keys("*")) - names_before) >= 3)
+    keyring = Keyring.from_config(load_config(environ={"KVSHELF_HOME": str(instance.home)}).security)
+    for name in set(instance.redis.client().keys("*")) - names_before:
+        if not name.endswith(b":namespace"):
+            digest = bytes.fromhex(name.rsplit(b":", 1)[1].decode())
+            instance.redis.client().set(name, frame(torch.zeros(LAYOUT.shape(CHUNK_SIZE)), digest, NewerCodec(),
+                                                    keyring))
     # Other traffic evicts everything unpinned from memory.
     seen["flood"] = {seed: instance.complete(prompt(seed)) for seed in (4, 5, 6)}
     seen["redis_hit"] = instance.complete(prompt(4))  # evicted from memory by now, still in Redis
     seen["pinned_hit"] = instance.complete(prompt(0))
     seen["corrupt_again"] = instance.complete(prompt(3))
+    seen["foreign_again"] = instance.complete(prompt(8))
     # The tenant's chunks, evicted from memory, expired in Redis.
     time.sleep(max(0.0, tenant_stored_s + REDIS_TTL_S + 1 - time.monotonic()))
     seen["expired"] = instance.complete(prompt(1), SALT)
@@ -196,6 +221,7 @@ def test_answers_with_hits_are_the_computed_answers(traffic):
     pinned_answer, pinned_loaded = traffic["pinned_hit"]  # the pinned chunks outlived the flood (and Redis's TTL)
     assert pinned_answer == cold_tokens and pinned_loaded >= 2 * CHUNK_SIZE
     assert traffic["corrupt_again"] == (traffic["corrupt_cold"][0], 0)  # promised, failed verification, recomputed
+    assert traffic["foreign_again"] == (traffic["foreign_cold"][0], 0)
     assert traffic["expired"] == (traffic["tenant_cold"][0], 0)
     assert traffic["redis_hit"] == (traffic["flood"][4][0], 3 * CHUNK_SIZE)
     assert traffic["redis_down_again"] == (traffic["flood"][5][0], 0)
@@ -204,11 +230,12 @@ def test_answers_with_hits_are_the_computed_answers(traffic):
 def test_metrics_tell_why_each_miss_happened(instance, traffic):
     metrics = instance.metrics()
     misses = {reason: metrics.get(f'kvshelf_miss_tokens_total{{reason="{reason}"}}', 0) for reason in
-              ("not_stored", "evicted", "expired", "corrupt", "tier_down", "partial_chunk")}
+              ("not_stored", "evicted", "expired", "corrupt", "foreign", "tier_down", "partial_chunk")}
     assert all(count > 0 for count in misses.values()), misses
     assert metrics['kvshelf_tier_hit_tokens_total{tier="memory"}'] > 0
     assert metrics['kvshelf_tier_hit_tokens_total{tier="redis"}'] >= 6 * CHUNK_SIZE  # a hit, and the corrupt one
     assert metrics['kvshelf_corrupt_chunks_total{tier="redis"}'] >= 1
+    assert metrics['kvshelf_foreign_chunks_total{tier="redis"}'] >= 1
     assert metrics['kvshelf_tier_errors_total{tier="redis"}'] >= 1 and metrics["kvshelf_dropped_writes_total"] >= 1
     for histogram in ("lookup", "load", "decode", "store"):
         assert metrics[f'kvshelf_{histogram}_seconds_count{{tier="redis"}}'] > 0, histogram
@@ -229,7 +256,7 @@ def test_each_request_is_traced_as_one_json_line(instance, traffic):
     traces = [json.loads(line.split("kvshelf trace ", 1)[1]) for line in instance.log.read_text().splitlines()
               if "kvshelf trace {" in line]
     reasons = {trace["miss_reason"] for trace in traces} | {trace["load_miss_reason"] for trace in traces}
-    assert {"not_stored", "corrupt", "expired", "tier_down"} <= reasons
+    assert {"not_stored", "corrupt", "foreign", "expired", "tier_down"} <= reasons
     hit = next(trace for trace in traces if trace["loaded_tokens"] == 3 * CHUNK_SIZE)
     assert hit["lookup_chunks"] == {"memory": 3} and hit["loaded_bytes"] == {"memory": 3 * CHUNK_BYTES}
     assert all(SALT not in json.dumps(trace) for trace in traces)
@@ -256,6 +283,9 @@ def test_every_dashboard_panel_and_alert_works_in_prometheus(prometheus, traffic
         concrete = expression.replace("$__rate_interval", "2m").replace("$instance", ".*")
         assert _query(prometheus, concrete), f"no data for the dashboard's {expression}"
     rules = yaml.safe_load((DEPLOY / "prometheus" / "kvshelf-alerts.yml").read_text())["groups"][0]["rules"]
+    for rule in rules:  # its comparison as 0 or 1: the series it reads exist, firing or not
+        measured = re.sub(r"([<>])", r"\1 bool", rule["expr"])
+        assert _query(prometheus, measured), f"no data for {rule['alert']}: {measured}"
     fired = {rule["alert"]: bool(_query(prometheus, rule["expr"])) for rule in rules}
     # The failures this module caused; the hit rate cannot collapse against its own short history.
     assert fired == {"KvshelfHitRateCollapse": False, "KvshelfTierDown": True, "KvshelfCorruptChunks": True,
@@ -287,7 +317,7 @@ def test_the_dashboard_shows_what_the_metrics_report(instance, traffic, tmp_path
     assert int(text["lookup-tokens"]) == (metrics['kvshelf_lookup_tokens_total{result="hit"}']
                                           + metrics['kvshelf_lookup_tokens_total{result="miss"}'])
     assert float(shown["saved_prefill_s"]) == pytest.approx(metrics["kvshelf_saved_prefill_seconds_total"])
-    for reason in ("not_stored", "evicted", "expired", "corrupt", "tier_down"):
+    for reason in ("not_stored", "evicted", "expired", "corrupt", "foreign", "tier_down"):
         assert float(shown[f"miss_tokens_{reason}"]) == metrics[f'kvshelf_miss_tokens_total{{reason="{reason}"}}']
     assert float(shown["tier_used_bytes_memory"]) == metrics['kvshelf_tier_used_bytes{tier="memory"}']
     ttft = metrics['kvshelf_ttft_seconds_sum{hit="true"}'] / metrics['kvshelf_ttft_seconds_count{hit="true"}']
