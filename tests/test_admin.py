@@ -145,7 +145,8 @@ def test_a_bad_prompt_is_a_400_that_says_what_to_send(admin, body):
 
 def test_a_bad_namespace_or_body_is_a_400(admin):
     _, client = admin
-    assert client.post("/kvshelf/clear", headers=ADMIN, json={"namespace": "../x"}).status_code == 400
+    for namespace_id in ("../x", "*" * 16, "0123456789ABCDEF"):  # a glob would match every namespace in Redis
+        assert client.post("/kvshelf/clear", headers=ADMIN, json={"namespace": namespace_id}).status_code == 400
     answer = client.post("/kvshelf/clear", headers=ADMIN, content=b"{not json")
     assert answer.status_code == 400 and "JSON" in answer.json()["error"]
 

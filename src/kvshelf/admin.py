@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -133,7 +134,7 @@ class AdminAPI:
             return web.json_response({"cleared": await asyncio.to_thread(shelf.clear)})
         if "namespace" in body:
             namespace_id = body["namespace"]
-            if not isinstance(namespace_id, str) or len(namespace_id) != 16:
+            if not isinstance(namespace_id, str) or not re.fullmatch(r"[0-9a-f]{16}", namespace_id):
                 raise json_error(web.HTTPBadRequest, "namespace must be a namespace id (16 hex digits, as "
                                  "/kvshelf/namespaces lists them)")
             return web.json_response({"dropped_chunks": await asyncio.to_thread(shelf.drop, namespace_id)})
@@ -142,10 +143,14 @@ class AdminAPI:
 
     async def pin(self, request: web.Request) -> web.Response:
         prompt = self._prompt(await read_json(request))
-        pinned = await asyncio.to_thread(self.target.shelf.pin, prompt)
-        return web.json_response({"pinned_tokens": pinned, "prompt_tokens": len(prompt),
-                                  "pinned_bytes": self.target.shelf.stats()["tiers"]["memory"]["pinned_bytes"],
-                                  "pin_budget_bytes": self.target.shelf.config.memory.pin_budget_bytes})
+        return web.json_response(await asyncio.to_thread(self._pin, prompt))
+
+    def _pin(self, prompt: Prompt) -> dict:
+        shelf = self.target.shelf
+        pinned = shelf.pin(prompt)
+        return {"pinned_tokens": pinned, "prompt_tokens": len(prompt),
+                "pinned_bytes": shelf.stats()["tiers"]["memory"]["pinned_bytes"],
+                "pin_budget_bytes": shelf.config.memory.pin_budget_bytes}
 
     async def unpin(self, request: web.Request) -> web.Response:
         prompt = self._prompt(await read_json(request))
