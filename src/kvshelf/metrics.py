@@ -1,7 +1,8 @@
 """What a shelf did, as plain counters (for `stats()`) and as Prometheus metrics (same numbers).
 
 Each shelf has its own CollectorRegistry, so several shelves in one process never collide;
-`Shelf.metrics.registry` is what an exporter serves (`kvshelf.admin`, vLLM's `/metrics`).
+`Shelf.metrics.registry` is what an exporter serves (the admin API's `/metrics`, kvshelf.admin);
+vLLM's own `/metrics` gets the plain counters as `vllm:kvshelf_*` (integrations/vllm/stats.py).
 
 Label values are bounded: tiers and miss reasons are fixed sets, and tenants are the keyed tags
 of their cache_salt (`Keyring.salt_tag`, never the salt), the first `max_tenants` seen each with
