@@ -248,8 +248,10 @@ def test_metrics_tell_why_each_miss_happened(instance, traffic):
     assert any('tenant="none"' in key for key in tenants) and len({re.search(r'tenant="(\w+)"', key)[1]
                                                                     for key in tenants}) == 2
     assert SALT not in instance.admin("GET", "/metrics").text
-    # vLLM's own /metrics carries kvshelf's counters too.
-    assert "vllm:kvshelf_hit_tokens" in httpx.get(f"{instance.url}/metrics", timeout=10).text
+    # vLLM's own /metrics carries kvshelf's counters too, the misses by reason among them.
+    vllm_metrics = httpx.get(f"{instance.url}/metrics", timeout=10).text
+    for counter in ("hit_tokens", "redis_hit_tokens", "miss_tokens_corrupt", "miss_tokens_tier_down"):
+        assert re.search(rf"^vllm:kvshelf_{counter}_total{{.*}} [1-9]", vllm_metrics, re.MULTILINE), counter
 
 
 def test_each_request_is_traced_as_one_json_line(instance, traffic):

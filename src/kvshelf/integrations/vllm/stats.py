@@ -11,6 +11,7 @@ from prometheus_client import Counter
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from kvshelf.disagg.transfer import TransferCounters
+from kvshelf.metrics import MISS_REASONS
 from kvshelf.shelf import Shelf
 
 # What each counter means; tier-specific ones are reported per tier ("disk_loaded_bytes").
@@ -36,19 +37,22 @@ DESCRIPTIONS = {
     "received_chunks": "Chunks pushed here by a prefill instance",
     "refused_chunks": "Pushed chunks refused because the inbox was full",
     "received_corrupt_chunks": "Pushed chunks refused because they failed authentication",
-}
+    "loaded_tokens": "Prompt tokens whose KV was loaded into vLLM",
+} | {f"miss_tokens_{reason}": f"Prompt tokens not supplied: {why}" for reason, why in MISS_REASONS.items()}
 
 
 def flat_counters(shelf: Shelf, load_failed_tokens: int, transfers: TransferCounters) -> dict[str, int]:
     """The shelf's and the transfers' cumulative counters, one flat name each."""
     stats = shelf.stats()
-    flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes", "load_refused_tokens")}
+    flat = {name: stats[name] for name in ("lookup_tokens", "hit_tokens", "dropped_writes", "load_refused_tokens",
+                                           "loaded_tokens")}
+    flat.update({f"miss_tokens_{reason}": tokens for reason, tokens in stats["misses_by_reason"].items()})
     flat["store_refused_chunks"] = sum(stats["store_refused_chunks"].values())
     flat["load_failed_tokens"] = load_failed_tokens
     flat.update(asdict(transfers))
     for tier_name, tier_stats in stats["tiers"].items():
-        for name in ("loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "foreign_chunks", "errors",
-                     "skipped", "rejected_writes"):
+        for name in ("hit_tokens", "loaded_bytes", "stored_bytes", "evictions", "corrupt_chunks", "foreign_chunks",
+                     "errors", "skipped", "rejected_writes"):
             flat[f"{tier_name}_{name}"] = tier_stats[name]
     return flat
 
