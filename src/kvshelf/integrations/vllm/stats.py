@@ -11,10 +11,10 @@ from prometheus_client import Counter
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from kvshelf.disagg.transfer import TransferCounters
-from kvshelf.metrics import MISS_REASONS
+from kvshelf.metrics import MISS_REASONS, TIER_METRICS
 from kvshelf.shelf import Shelf
 
-# What each counter means; tier-specific ones are reported per tier ("disk_loaded_bytes").
+# What each counter means; tier-specific ones (TIER_METRICS) are reported per tier ("disk_loaded_bytes").
 DESCRIPTIONS = {
     "lookup_tokens": "Prompt tokens kvshelf was asked about",
     "hit_tokens": "Prompt tokens kvshelf could supply",
@@ -22,14 +22,6 @@ DESCRIPTIONS = {
     "load_refused_tokens": "Held tokens computed instead: loading them was estimated slower (load or recompute)",
     "store_refused_chunks": "Chunks not stored by the admission policy",
     "dropped_writes": "Chunk writes dropped (writer queue full, or a tier down or failing)",
-    "loaded_bytes": "Bytes of KV read from a tier",
-    "stored_bytes": "Bytes written to a tier",
-    "evictions": "Chunks evicted from a tier",
-    "corrupt_chunks": "Stored chunks that failed verification",
-    "foreign_chunks": "Stored chunks another kvshelf version wrote (left alone)",
-    "errors": "Failed tier operations",
-    "skipped": "Operations skipped while a failed tier backs off",
-    "rejected_writes": "Chunks a full tier refused to store",
     "pushed_chunks": "Chunks pushed to a decode instance (prefill/decode disaggregation)",
     "pushed_bytes": "Bytes pushed to a decode instance",
     "push_failures": "Pushes to a decode instance given up (it recomputes)",
@@ -59,7 +51,7 @@ def flat_counters(shelf: Shelf, load_failed_tokens: int, transfers: TransferCoun
 
 def description(name: str) -> str:
     tier, _, stat = name.partition("_")
-    return DESCRIPTIONS.get(name) or f"{DESCRIPTIONS[stat]} ({tier})"
+    return DESCRIPTIONS.get(name) or f"{TIER_METRICS[stat][1]} ({tier})"
 
 
 @dataclass
