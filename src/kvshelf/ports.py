@@ -43,6 +43,7 @@ _TCP_ADDRESS = re.compile(r"tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1
 _authenticators: dict[int, ThreadAuthenticator] = {}  # by the libzmq context's address
 _context: zmq.Context | None = None
 _lock = threading.Lock()
+_handed_out: set[int] = set()  # by free_port, with their bus ports
 
 
 def zmq_context() -> zmq.Context:
@@ -157,11 +158,17 @@ class QuietLog:
 
 def free_port() -> int:
     """A free loopback port for a server that a launcher or a test starts; port + 10000 is free too,
-    so a redis cluster node may take it (its bus listens there)."""
-    for _ in range(1000):
-        port = random.randint(20000, 50000)
-        if _port_is_free(port) and _port_is_free(port + CLUSTER_BUS_OFFSET):
-            return port
+    so a redis cluster node may take it (its bus listens there). A port is free when probed, and
+    stays free only until its server binds it: so this process never hands out a port (or a bus
+    port) twice, or two servers started together, as `kvshelf pd`'s instances are, could be given
+    the same one and one of them would answer on the other's port."""
+    with _lock:
+        for _ in range(1000):
+            port = random.randint(20000, 50000)
+            wanted = {port, port + CLUSTER_BUS_OFFSET}
+            if not wanted & _handed_out and all(_port_is_free(each) for each in wanted):
+                _handed_out.update(wanted)
+                return port
     raise RuntimeError("no free loopback port found in 20000-60000; stop servers left running there")
 
 

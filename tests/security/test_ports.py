@@ -36,7 +36,7 @@ from kvshelf.integrations.vllm.lookup import (
 )
 from kvshelf.integrations.vllm.scheduler import Role, SchedulerSide
 from kvshelf.keys import Prompt
-from kvshelf.ports import QuietLog, free_port, secure_client, sign_push_to
+from kvshelf.ports import CLUSTER_BUS_OFFSET, QuietLog, free_port, secure_client, sign_push_to
 from kvshelf.security import Keyring
 from tests.conftest import CHUNK_SIZE, LAYOUT, random_kv
 
@@ -401,6 +401,14 @@ def scheduler(push_to: str | None = None, keyring: Keyring = KEYRING, kv_role: s
 
 
 DECODE = "tcp://decode-1.internal:5800"
+
+
+def test_free_ports_are_never_handed_out_twice_nor_on_each_others_cluster_bus():
+    """Launchers ask for several ports before any server binds one (a `kvshelf pd` instance: HTTP,
+    lookup, receiver): drawn at random, 2,000 of them would repeat about 60 times."""
+    ports = [free_port() for _ in range(2000)]
+    bus_ports = [port + CLUSTER_BUS_OFFSET for port in ports]
+    assert len(set(ports + bus_ports)) == 2 * len(ports)
 
 
 def test_a_request_push_to_signed_by_the_proxy_is_used():
