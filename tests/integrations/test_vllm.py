@@ -1,8 +1,8 @@
 """kvshelf inside real vLLM (CPU, float32, bundled model): hits give the tokens vLLM gives alone.
 
-Each engine runs in its own process (vllm_runner.py); one module-wide scenario drives three:
-a reference engine without kvshelf, engine A with kvshelf, then engine B, a fresh process
-sharing only A's disk tier (A's memory tier is gone with A).
+Each engine runs in its own process (vllm_runner.py); one module-wide scenario drives them: the
+session's reference engine without kvshelf, engine A with kvshelf, then engine B, a fresh process
+sharing only A's disk tier (A's memory tier is gone with A), and engine C, computing alone.
 """
 
 import json
@@ -19,7 +19,7 @@ from kvshelf.codecs.framing import Expected
 from kvshelf.keys import Namespace, chunk_keys
 from kvshelf.security import Keyring
 from kvshelf.tiers.disk import chunk_path
-from tests.integrations.vllm_runner import run_engine
+from tests.integrations.vllm_runner import engine_results, run_engine, start_engine
 
 CHUNK_SIZE = 128  # = vLLM's CPU block size, keeps prompts short
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -43,9 +43,12 @@ def prompts(corpus_ids):
 def scenario(prompts, tmp_path_factory, vllm_alone):
     disk_path = tmp_path_factory.mktemp("vllm-disk")
     extra_config = {"chunk_size": CHUNK_SIZE, "disk.path": str(disk_path), "model_id": "smollm2-test"}
-    plain = [{"prompt_token_ids": ids} for ids in prompts.values()]
-    reference = dict(zip(prompts, vllm_alone(plain)))
-    engine_a = run_engine(extra_config, [
+    # Engine C computes the damaged prompt from nothing, into a disk tier of its own; it and engine
+    # A start while the reference answers (three engine starts at once: most of a start is one core's).
+    clean_path = tmp_path_factory.mktemp("vllm-clean-disk")
+    engine_c = start_engine(extra_config | {"disk.path": str(clean_path)},
+                            [{"prompt_token_ids": prompts["damaged_longer"]}])
+    engine_a = start_engine(extra_config, [
         {"prompt_token_ids": prompts["doc"]},
         {"prompt_token_ids": prompts["doc"]},
         {"prompt_token_ids": prompts["doc_other_tail"]},
@@ -56,6 +59,8 @@ def scenario(prompts, tmp_path_factory, vllm_alone):
         {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-b"},
         {"prompt_token_ids": prompts["salted"], "cache_salt": "tenant-a"},
     ])
+    reference = dict(zip(prompts, vllm_alone([{"prompt_token_ids": ids} for ids in prompts.values()])))
+    results_a = engine_results(engine_a)
     # Chunk 0 of the damaged prompt gets a flipped byte. Chunk 1 is replaced by an authentic chunk
     # (framed with the deployment key, as a buggy or malicious key holder could) of the wrong shape:
     # one layer short, which once left another request's stale KV in the last layer's blocks.
@@ -73,10 +78,8 @@ def scenario(prompts, tmp_path_factory, vllm_alone):
         {"prompt_token_ids": prompts["damaged_longer"]},  # loads fail: recomputed, and saved afresh
         {"prompt_token_ids": prompts["damaged_longer"]},
     ])
-    # Engine C computes the same prompt from nothing, into a disk tier of its own.
-    clean_path = tmp_path_factory.mktemp("vllm-clean-disk")
-    run_engine(extra_config | {"disk.path": str(clean_path)}, [{"prompt_token_ids": prompts["damaged_longer"]}])
-    return {"reference": reference, "a": engine_a, "b": engine_b, "damaged_bytes": damaged_bytes,
+    engine_results(engine_c)
+    return {"reference": reference, "a": results_a, "b": engine_b, "damaged_bytes": damaged_bytes,
             "disk_path": disk_path, "clean_path": clean_path}
 
 

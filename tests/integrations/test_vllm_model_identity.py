@@ -1,8 +1,8 @@
 """vLLM names a model's KV by its content: the same weights at two paths share, changed weights never do.
 
 The fast tests call the connector's namespace code on real files. The slow one runs real
-`kvshelf serve` processes over a real redis-server: the bundled model at path a, then a copy at
-path b (shares a's chunks), then b with one weight tensor changed in place (shares nothing).
+`kvshelf serve` processes over a real redis-server: the bundled model at path a and a copy at
+path b (shares the chunks a stored), then b with one weight tensor changed in place (shares nothing).
 """
 
 import contextlib
@@ -85,17 +85,22 @@ def serve_argv(model_dir, port, redis_url, disk_path) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(model_dir, name, work, redis_url):
-    """`kvshelf serve` of `model_dir` with its own disk tier; every instance shares KVSHELF_HOME (the
-    deployment secret) and `redis_url`."""
+def serving(models, work, redis_url):
+    """`kvshelf serve` of each (model_dir, name) in `models`, started together, each with its own
+    disk tier; every instance shares KVSHELF_HOME (the deployment secret) and `redis_url`. Yields
+    their URLs."""
     env = dict(os.environ, KVSHELF_HOME=str(work / "home"), VLLM_CPU_KVCACHE_SPACE="1")
-    port = free_port()
-    process = start_process(serve_argv(model_dir, port, redis_url, work / f"disk-{name}"), work / name, env)
+    started = []
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, work / name)
-        yield f"http://127.0.0.1:{port}"
+        for model_dir, name in models:
+            port = free_port()
+            process = start_process(serve_argv(model_dir, port, redis_url, work / f"disk-{name}"), work / name, env)
+            started.append((f"http://127.0.0.1:{port}", name, process))
+        for url, name, process in started:
+            wait_healthy(url, process, work / name)
+        yield [url for url, _, _ in started]
     finally:
-        stop(process)
+        stop(*(process for _, _, process in started))
 
 
 def complete(url, prompt_ids) -> str:
@@ -163,19 +168,17 @@ def test_instances_share_kv_by_content_not_by_path(tmp_path, redis_server, promp
     shutil.copytree(bundled, path_b)
     full_chunk_tokens = PROMPT_TOKENS // CHUNK_SIZE * CHUNK_SIZE
 
-    with serving(path_a, "a", tmp_path, redis_server.url) as url:
-        answer_a = complete(url, prompt_ids)
+    with serving([(path_a, "a"), (path_b, "b")], tmp_path, redis_server.url) as (url_a, url_b):
+        answer_a = complete(url_a, prompt_ids)
         chunks_of_a = wait_for_chunks(redis_server, PROMPT_TOKENS // CHUNK_SIZE)
-
-    with serving(path_b, "b", tmp_path, redis_server.url) as url:
-        answer_b = complete(url, prompt_ids)
-        sources_b = prompt_tokens_by_source(url)
+        answer_b = complete(url_b, prompt_ids)
+        sources_b = prompt_tokens_by_source(url_b)
     assert sources_b == {"local_compute": PROMPT_TOKENS - full_chunk_tokens, "external_kv_transfer": full_chunk_tokens}
     assert answer_b == answer_a
     assert chunk_names(redis_server) == chunks_of_a
 
     change_one_tensor_in_place(path_b / "model.safetensors")
-    with serving(path_b, "b-changed", tmp_path, redis_server.url) as url:
+    with serving([(path_b, "b-changed")], tmp_path, redis_server.url) as (url,):
         fresh = complete(url, prompt_ids)
         sources_fresh = prompt_tokens_by_source(url)
         again = complete(url, prompt_ids)  # now from its own chunks

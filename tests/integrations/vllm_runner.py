@@ -18,8 +18,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 MAX_NEW_TOKENS = 12
 
@@ -91,20 +94,33 @@ def wait_for(path: Path, timeout_s: float = 600.0) -> None:
         time.sleep(0.1)
 
 
+@dataclass
+class Engine:
+    """A job's engine process; its output goes to a temporary file, not a pipe, so engines
+    started together never wait for the test to read one of them."""
+
+    process: subprocess.Popen
+    output: IO[str]
+
+
 def start_engine(
     extra_config: dict | None, requests: list[dict], barrier_dir: Path | None = None, kv_role: str = "kv_both",
     **job_fields,
-) -> subprocess.Popen:
+) -> Engine:
     """This script on a job, in a new process (for tests); `job_fields`: zoo_family, llm_args, env."""
     job = json.dumps({"extra_config": extra_config, "requests": requests, "barrier_dir": str(barrier_dir),
                       "kv_role": kv_role, **job_fields})
-    return subprocess.Popen([sys.executable, __file__, job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    output = tempfile.TemporaryFile("w+")
+    return Engine(subprocess.Popen([sys.executable, __file__, job], stdout=output, stderr=subprocess.STDOUT), output)
 
 
-def engine_results(engine: subprocess.Popen, timeout_s: float = 600) -> list[dict]:
-    stdout, stderr = engine.communicate(timeout=timeout_s)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert engine.returncode == 0 and lines, stderr[-4000:]
+def engine_results(engine: Engine, timeout_s: float = 600) -> list[dict]:
+    with engine.output:
+        returncode = engine.process.wait(timeout=timeout_s)
+        engine.output.seek(0)
+        output = engine.output.read()
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    assert returncode == 0 and lines, output[-4000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
