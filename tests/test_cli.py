@@ -178,6 +178,12 @@ def test_serve_refuses_a_bad_receive_address_before_starting_vllm(capsys):
     assert "pd.receive_address must be tcp://host:port" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_kvshelf_server_on_vllms_own_port_before_starting_vllm(capsys):
+    assert main(["serve", "--port", "8123", "--lookup-address", "tcp://127.0.0.1:8123"]) == 2
+    assert ("vLLM's --host/--port (127.0.0.1:8123) and lookup_address (tcp://127.0.0.1:8123) are one port"
+            in capsys.readouterr().err)
+
+
 def test_pd_over_a_tier_needs_the_redis_to_share(capsys):
     assert main(["pd", "--channel", "tier"]) == 2
     assert "--redis-url" in capsys.readouterr().err

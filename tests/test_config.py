@@ -96,6 +96,13 @@ def test_config_file_named_by_environment(tmp_path):
         ({"security_key": 12345}, "security.key must be a string of at least 32 random characters"),
         ({"security_encrypt": "maybe"}, "security.encrypt must be true or false"),
         ({"chunk_sise": 256}, "unknown config keyword"),
+        ({"pd_receive_address": "tcp://127.0.0.1:5600", "lookup_address": "tcp://127.0.0.1:5600"},
+         "pd.receive_address (tcp://127.0.0.1:5600) and lookup_address (tcp://127.0.0.1:5600) are one port: give "
+         "each server of an instance a port of its own"),
+        ({"lookup_address": "tcp://0.0.0.0:5700", "admin_address": "127.0.0.1:5700", "admin_key": SECRET},
+         "lookup_address (tcp://0.0.0.0:5700) and admin.address (127.0.0.1:5700) are one port"),
+        ({"pd_receive_address": "tcp://0.0.0.0:5600", "admin_address": "10.0.0.2:5600", "admin_key": SECRET},
+         "are one port"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(source, message, tmp_path):
@@ -118,6 +125,12 @@ def test_yaml_nan_booleans_and_tiny_ttl_are_refused(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(path, environ={})
+
+
+def test_servers_of_an_instance_may_share_a_port_number_only_on_distinct_hosts():
+    config = load_config(environ={}, pd_receive_address="tcp://10.0.0.1:5600", lookup_address="tcp://10.0.0.2:5600",
+                         admin_address="127.0.0.1:5600", admin_key=SECRET)
+    assert set(config.listeners) == {"pd.receive_address", "lookup_address", "admin.address"}
 
 
 def test_numbers_from_environment_strings():

@@ -420,6 +420,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.config, args.disk_path, args.memory_size, args.chunk_size, args.redis_url,
         args.receive_address, args.lookup_address,
         f"{args.host}:{args.admin_port}" if args.admin_port else None, f"http://{engine_host}:{args.port}",
+        f"{args.host}:{args.port}",
     )
     vllm_args = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     argv = vllm_serve_argv(args.model, args.host, args.port, extra_config, vllm_args, args.role)

@@ -223,6 +223,36 @@ class ShelfConfig:
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
 
+    @property
+    def listeners(self) -> dict[str, str]:
+        """The addresses this instance's own servers listen on, by config key."""
+        return _listeners(self.pd, self.lookup_address, self.admin)
+
+
+def _listeners(pd: PDConfig, lookup_address: str | None, admin: AdminConfig) -> dict[str, str]:
+    named = {"pd.receive_address": pd.receive_address, "lookup_address": lookup_address, "admin.address": admin.address}
+    return {name: address for name, address in named.items() if address is not None}
+
+
+_ANY_HOST = {"0.0.0.0", "::", "*"}
+
+
+def check_listeners(listeners: Mapping[str, str]) -> None:
+    """Refuse two servers of one instance on one TCP port (host:port or tcp://host:port; a wildcard
+    host takes the port on every address). Both might bind, and each connection would then reach
+    whichever took it: a health check once waited forever on a port a lookup server had."""
+    seen: dict[str, tuple[str, int]] = {}
+    for name, address in listeners.items():
+        if address.startswith("ipc://"):
+            continue
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        host = host.strip("[]")
+        for other, (other_host, other_port) in seen.items():
+            if int(port) == other_port and (host == other_host or {host, other_host} & _ANY_HOST):
+                raise ConfigError(f"{other} ({listeners[other]}) and {name} ({address}) are one port: "
+                                  "give each server of an instance a port of its own")
+        seen[name] = (host, int(port))
+
 
 def load_config(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
@@ -335,6 +365,7 @@ def _build(values: dict[str, Any], home: Path) -> ShelfConfig:
     if admin.address is not None and admin.key is None:
         raise ConfigError("admin.address needs admin.key (or KVSHELF_ADMIN_KEY): the admin API clears and pins "
                           "the cache, so it never runs open; choose a long random key")
+    check_listeners(_listeners(pd, top.get("lookup_address"), admin))
     redis, security = _redis(parsed), _security(parsed, home)
     disk = _disk(parsed)  # last: it creates disk.path, which a refused config should not leave behind
     return ShelfConfig(memory=memory, disk=disk, redis=redis, pd=pd, security=security, transfer=transfer,

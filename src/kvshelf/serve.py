@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from kvshelf.config import CONFIG_FILE_KEY, connector_config
+from kvshelf.config import CONFIG_FILE_KEY, check_listeners, connector_config
 from kvshelf.models import bundled_model_dir, default_home
 from kvshelf.shelf import connect_redis
 from kvshelf.tiers.redis import RedisTier
@@ -42,9 +42,11 @@ def connector_extra_config(
     lookup_address: str | None = None,
     admin_address: str | None = None,
     engine_url: str | None = None,
+    serve_address: str | None = None,
 ) -> dict:
     """kv_connector_extra_config with the defaults; validated now, so mistakes show before vLLM starts
-    (a Redis that cannot be reached too, unless redis.on_start_failure is warn).
+    (a Redis that cannot be reached too, unless redis.on_start_failure is warn; a kvshelf server on
+    vLLM's own host:port, `serve_address`, too).
 
     Without a config file, the defaults are a memory tier and a disk tier under KVSHELF_HOME, and
     128-token chunks (unless KVSHELF_CHUNK_SIZE says otherwise). Its redis.url has no user:password:
@@ -60,6 +62,8 @@ def connector_extra_config(
         if "KVSHELF_CHUNK_SIZE" not in os.environ:
             extra.setdefault("chunk_size", DEFAULT_CHUNK_SIZE)
     config = connector_config(extra)
+    if serve_address is not None:
+        check_listeners({"vLLM's --host/--port": serve_address} | config.listeners)
     if config.redis is not None and config.redis.on_start_failure == "error":
         tier = RedisTier(config.redis, config.tier_backoff_s)
         connect_redis(tier)

@@ -53,7 +53,7 @@ def new_instance(role: str) -> Instance:
 
 def instance_argv(instance: Instance, memory_size: str, redis_url: str | None, vllm_args: Sequence[str]) -> list[str]:
     extra = connector_extra_config(None, None, memory_size, None, redis_url, instance.receive_address,
-                                   instance.lookup_address)
+                                   instance.lookup_address, serve_address=f"127.0.0.1:{instance.port}")
     extra.pop("disk.path")  # each instance keeps its own memory; a shared disk directory would be two writers
     return vllm_serve_argv(None, "127.0.0.1", instance.port, extra, list(vllm_args), instance.role)
 
