@@ -598,7 +598,6 @@ def _host_port(key: str, value: Any) -> str:
     return text
 
 
-
 def _transfer_mode(key: str, value: Any) -> str:
     if value not in TRANSFER_MODES:
         raise ConfigError(f"{key} must be one of {', '.join(TRANSFER_MODES)}, got {value!r}")

@@ -11,7 +11,6 @@ Servers start one after another on a free loopback port.
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from kvshelf import children
 from kvshelf.bench.client import CompletionClient
 from kvshelf.bench.serving import LongDocServing, MultiRoundQA, Texts, run_long_doc, run_multi_round, summarize
 from kvshelf.models import bundled_model_dir
+from kvshelf.ports import free_port
 from kvshelf.serve import connector_extra_config, vllm_serve_argv
 
 SERVED_MODEL = "smollm2"
@@ -38,12 +38,6 @@ class ServerSpec:
     sidecar_argv: list[str] | None = None  # a store the server needs, started first (LMCache's server)
     chunked_prefill: bool = True
     env: dict[str, str] = field(default_factory=dict)  # more environment (e.g. the cores it may use)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,13 @@ from pathlib import Path
 import httpx
 
 from kvshelf.bench.client import Completion, CompletionClient
-from kvshelf.bench.compare import ServerSpec, free_port, port_of, running
+from kvshelf.bench.compare import ServerSpec, port_of, running
 from kvshelf.bench.documents import QUESTIONS
 from kvshelf.bench.pd_bench import percentile
 from kvshelf.bench.redis_servers import RedisServer
 from kvshelf.bench.serving import Texts
 from kvshelf.config import connector_config
+from kvshelf.ports import free_port
 from kvshelf.serve import connector_extra_config, vllm_serve_argv
 
 MODES = ("sync", "async")
